@@ -1,0 +1,82 @@
+/*-------------------------------------------------------------------------
+ *
+ * cm.h
+ *		Declarations shared by the files of consistency_manager.
+ *
+ * consistency_manager keeps the portfolio database in step with the queue
+ * database: a sync cycle reads the queue tables through postgres_fdw and
+ * applies what changed, exactly once, in one local transaction.  This header
+ * is the map of the pieces: the GUCs (guc.c), the cycle (cycle.c and the SQL
+ * it runs, cycle_sql.c), the shared-memory statistics (stats.c), the tier
+ * math (tier_math.c), and small helpers (util.c).
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CM_H
+#define CM_H
+
+#include "postgres.h"
+
+#include "datatype/timestamp.h"
+
+#define CM_NAME "consistency_manager"
+
+/* Keys of the advisory lock that serialises cycles in one database; a DBA
+ * sees it in pg_locks as locktype 'advisory', classid 17229, objid 1. */
+#define CM_LOCK_KEY1 17229		/* 'C' << 8 | 'M' */
+#define CM_LOCK_KEY2 1
+
+/* GUCs (guc.c) */
+extern char *cm_database;
+extern char *cm_role;
+extern bool cm_enabled;
+extern int	cm_polling_interval;
+extern int	cm_batch_size;
+extern int	cm_lookback_window;
+extern int	cm_max_backoff;
+extern int	cm_history_retention;
+extern char *cm_portfolio_schema;
+
+extern void cm_define_gucs(void);
+
+/* What one cycle did (cycle.c). */
+typedef struct CmCycleResult
+{
+	bool		ran;			/* false: another cycle held the lock */
+	int32		sources;
+	int64		rows_read;
+	int64		created;
+	int64		updated;
+	int64		completed_applied;
+	int64		compensated;
+	int64		dead_lettered;
+	TimestampTz started_at;
+	TimestampTz finished_at;
+	double		duration_ms;
+} CmCycleResult;
+
+extern void cm_run_cycle(bool wait_for_lock, const char *trigger,
+						 CmCycleResult *result);
+
+/* SQL text of the cycle (cycle_sql.c). */
+extern char *cm_sql_stage_page(const char *foreign_table, const char *account_column,
+							   const char *type_expr);
+extern char *cm_sql_process(const char *portfolios, const char *transactions,
+							Oid portfolios_oid, Oid transactions_oid);
+extern const char *cm_sql_stage_dead_letters;
+extern const char *cm_sql_sources;
+extern const char *cm_sql_deltas;
+extern const char *cm_sql_finish_source;
+extern const char *cm_sql_clear_batch;
+extern const char *cm_sql_history;
+
+/* Helpers (util.c). */
+extern Oid	cm_target_relid(const char *relname, bool missing_ok);
+extern bool cm_lock_cycle(bool wait);
+
+/* Shared-memory statistics (stats.c). */
+extern void cm_stats_cycle_start(void);
+extern void cm_stats_cycle_done(const CmCycleResult *result);
+extern void cm_stats_cycle_failed(const char *message);
+
+#endif							/* CM_H */

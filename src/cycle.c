@@ -1,0 +1,520 @@
+/*-------------------------------------------------------------------------
+ *
+ * cycle.c
+ *		The sync cycle, and cm_sync_now(), its SQL entry point.
+ *
+ * One cycle, in the caller's transaction:
+ *	 - take the cycle lock (one cycle at a time in a database);
+ *	 - read the tier deltas once, so that every completion of the cycle uses
+ *	   the same ones;
+ *	 - for each enabled source: retry its dead letters, then stage the rows
+ *	   changed since (watermark - lookback_window) in keyset pages and
+ *	   process them as a set; advance the watermark;
+ *	 - record the cycle in cm.cycle_history and the shared statistics.
+ *
+ * The SQL lives in cycle_sql.c.  Plans are prepared on first use and kept
+ * for the life of the backend; the plan cache re-plans them when the
+ * objects they use change.  Nothing here allocates outside the SPI
+ * procedure context except the kept plans, so a cycle's memory is released
+ * by SPI_finish.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "cm.h"
+#include "stats.h"
+
+PG_FUNCTION_INFO_V1(cm_sync_now);
+extern Datum cm_tier_delta(PG_FUNCTION_ARGS);
+
+/* The staging plan of one source; a source's plan is rebuilt when its
+ * foreign table is replaced. */
+typedef struct StagePlan
+{
+	int32		source_id;
+	Oid			relid;
+	SPIPlanPtr	plan;
+} StagePlan;
+
+/* One enabled source, as read at the start of a cycle. */
+typedef struct Source
+{
+	int32		source_id;
+	char	   *table_schema;
+	char	   *table_name;
+	char	   *layout;
+	char	   *account_column;
+	bool		has_watermark;
+	TimestampTz watermark;
+	Oid			relid;
+} Source;
+
+static StagePlan *stage_plans = NULL;
+static int	n_stage_plans = 0;
+static int	max_stage_plans = 0;
+
+static SPIPlanPtr process_plan = NULL;
+static Oid	process_plan_targets[2] = {InvalidOid, InvalidOid};
+static SPIPlanPtr sources_plan = NULL;
+static SPIPlanPtr deltas_plan = NULL;
+static SPIPlanPtr finish_plan = NULL;
+static SPIPlanPtr clear_plan = NULL;
+static SPIPlanPtr history_plan = NULL;
+static SPIPlanPtr stage_dl_plan = NULL;
+
+/*
+ * prepare_kept
+ *		SPI_prepare a statement and keep the plan for the life of the backend.
+ */
+static SPIPlanPtr
+prepare_kept(const char *sql, int nargs, Oid *argtypes, int cursor_options)
+{
+	SPIPlanPtr	plan;
+
+	plan = SPI_prepare_cursor(sql, nargs, argtypes, cursor_options);
+	if (plan == NULL)
+		elog(ERROR, "could not prepare statement of the sync cycle: %s",
+			 SPI_result_code_string(SPI_result));
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "could not keep plan of the sync cycle");
+	return plan;
+}
+
+/*
+ * run_plan
+ *		Execute a kept plan; any result but the expected one is a bug.
+ */
+static void
+run_plan(SPIPlanPtr plan, Datum *values, const char *nulls, int expected)
+{
+	int			rc = SPI_execute_plan(plan, values, nulls, false, 0);
+
+	if (rc != expected)
+		elog(ERROR, "statement of the sync cycle returned %s, expected %s",
+			 SPI_result_code_string(rc), SPI_result_code_string(expected));
+}
+
+/*
+ * prepare_fixed_plans
+ *		The statements that do not depend on a source or a target table.
+ */
+static void
+prepare_fixed_plans(void)
+{
+	Oid			int4arg[1] = {INT4OID};
+	Oid			finishargs[2] = {INT4OID, TIMESTAMPTZOID};
+	Oid			histargs[12] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
+		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID};
+
+	if (sources_plan == NULL)
+		sources_plan = prepare_kept(cm_sql_sources, 0, NULL, 0);
+	if (deltas_plan == NULL)
+		deltas_plan = prepare_kept(cm_sql_deltas, 0, NULL, 0);
+	if (finish_plan == NULL)
+		finish_plan = prepare_kept(cm_sql_finish_source, 2, finishargs, 0);
+	if (clear_plan == NULL)
+		clear_plan = prepare_kept(cm_sql_clear_batch, 0, NULL, 0);
+	if (history_plan == NULL)
+		history_plan = prepare_kept(cm_sql_history, 12, histargs, 0);
+	if (stage_dl_plan == NULL)
+		stage_dl_plan = prepare_kept(cm_sql_stage_dead_letters, 1, int4arg, 0);
+}
+
+/*
+ * get_process_plan
+ *		The processing statement for the current target tables.
+ *
+ * The tables are found through consistency_manager.portfolio_schema, so
+ * the plan is rebuilt when that setting points elsewhere.  It is planned
+ * afresh at each execution (CURSOR_OPT_CUSTOM_PLAN): the batch it reads
+ * holds a handful of rows in a steady cycle and millions in a catch-up,
+ * and each deserves its own join strategy.
+ */
+static SPIPlanPtr
+get_process_plan(void)
+{
+	Oid			portfolios = cm_target_relid("user_portfolios", false);
+	Oid			transactions = cm_target_relid("portfolio_transactions", false);
+	Oid			argtypes[2] = {INT4OID, NUMERICARRAYOID};
+	char	   *sql;
+
+	if (process_plan != NULL &&
+		process_plan_targets[0] == portfolios &&
+		process_plan_targets[1] == transactions)
+		return process_plan;
+
+	if (process_plan != NULL)
+	{
+		SPI_freeplan(process_plan);
+		process_plan = NULL;
+	}
+	sql = cm_sql_process(quote_qualified_identifier(get_namespace_name(get_rel_namespace(portfolios)),
+													get_rel_name(portfolios)),
+						 quote_qualified_identifier(get_namespace_name(get_rel_namespace(transactions)),
+													get_rel_name(transactions)),
+						 portfolios, transactions);
+	process_plan = prepare_kept(sql, 2, argtypes, CURSOR_OPT_CUSTOM_PLAN);
+	process_plan_targets[0] = portfolios;
+	process_plan_targets[1] = transactions;
+	return process_plan;
+}
+
+/*
+ * get_stage_plan
+ *		The page-staging statement of one source.
+ *
+ * Split-layout tables carry the transaction type in their name; the
+ * unified table has a transaction_type column.
+ */
+static SPIPlanPtr
+get_stage_plan(const Source *src)
+{
+	Oid			argtypes[4] = {INT4OID, TIMESTAMPTZOID, INT8OID, INT8OID};
+	const char *type_expr;
+	char	   *sql;
+	StagePlan  *sp = NULL;
+	int			i;
+
+	for (i = 0; i < n_stage_plans; i++)
+	{
+		if (stage_plans[i].source_id == src->source_id)
+		{
+			sp = &stage_plans[i];
+			break;
+		}
+	}
+	if (sp != NULL && sp->relid == src->relid)
+		return sp->plan;
+
+	if (sp == NULL)
+	{
+		if (n_stage_plans == max_stage_plans)
+		{
+			max_stage_plans = Max(8, max_stage_plans * 2);
+			if (stage_plans == NULL)
+				stage_plans = MemoryContextAlloc(TopMemoryContext,
+												 max_stage_plans * sizeof(StagePlan));
+			else
+				stage_plans = repalloc(stage_plans, max_stage_plans * sizeof(StagePlan));
+		}
+		sp = &stage_plans[n_stage_plans++];
+		sp->source_id = src->source_id;
+		sp->plan = NULL;
+	}
+	else if (sp->plan != NULL)
+	{
+		SPI_freeplan(sp->plan);
+		sp->plan = NULL;
+	}
+
+	if (strcmp(src->layout, "investment") == 0)
+		type_expr = "'INVEST'::text";
+	else if (strcmp(src->layout, "withdrawal") == 0)
+		type_expr = "'WITHDRAW'::text";
+	else
+		type_expr = "q.transaction_type";
+
+	sql = cm_sql_stage_page(quote_qualified_identifier(src->table_schema, src->table_name),
+							quote_identifier(src->account_column), type_expr);
+	sp->plan = prepare_kept(sql, 4, argtypes, 0);
+	sp->relid = src->relid;
+	return sp->plan;
+}
+
+/*
+ * read_deltas
+ *		The three tier deltas, as a numeric[] for the processing statement.
+ *
+ * Taken once at the start of the cycle: every completion the cycle applies
+ * uses the same deltas, whatever cm_set_tier_values() commits meanwhile.
+ */
+static Datum
+read_deltas(void)
+{
+	Datum		deltas[3];
+	uint64		i;
+
+	run_plan(deltas_plan, NULL, NULL, SPI_OK_SELECT);
+	if (SPI_processed != 3)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("cm.tier_value must hold exactly the tiers 1, 2 and 3"),
+				 errdetail("It holds %llu rows.", (unsigned long long) SPI_processed),
+				 errhint("Restore the missing tiers with INSERT INTO cm.tier_value and set them with cm_set_tier_values().")));
+
+	for (i = 0; i < 3; i++)
+	{
+		bool		isnull;
+		Datum		pool = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
+		Datum		market = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 3, &isnull);
+
+		deltas[i] = DirectFunctionCall2(cm_tier_delta, pool, market);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return PointerGetDatum(construct_array(deltas, 3, NUMERICOID, -1, false, TYPALIGN_INT));
+}
+
+/*
+ * read_sources
+ *		The enabled sources, copied out of SPI's result.
+ */
+static Source *
+read_sources(int *count)
+{
+	Source	   *sources;
+	uint64		i;
+
+	run_plan(sources_plan, NULL, NULL, SPI_OK_SELECT);
+	*count = (int) SPI_processed;
+	sources = palloc0(sizeof(Source) * Max(1, SPI_processed));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		Source	   *s = &sources[i];
+		bool		isnull;
+
+		s->source_id = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
+		s->table_schema = SPI_getvalue(tup, desc, 2);
+		s->table_name = SPI_getvalue(tup, desc, 3);
+		s->layout = SPI_getvalue(tup, desc, 4);
+		s->account_column = SPI_getvalue(tup, desc, 5);
+		s->watermark = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
+		s->has_watermark = !isnull;
+		s->relid = DatumGetObjectId(SPI_getbinval(tup, desc, 7, &isnull));
+		if (isnull)
+			s->relid = InvalidOid;
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return sources;
+}
+
+/*
+ * process_batch
+ *		Run the processing statement over what is staged for a source, add
+ *		its counts to the result, and empty the batch.
+ *
+ * Returns the newest updated_at among the staged rows (0 when none).
+ */
+static TimestampTz
+process_batch(int32 source_id, Datum deltas, bool count_reads, CmCycleResult *result)
+{
+	Datum		values[2];
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	TimestampTz newest = 0;
+
+	values[0] = Int32GetDatum(source_id);
+	values[1] = deltas;
+	cm_report_phase("consistency_manager: applying changes");
+	run_plan(get_process_plan(), values, NULL, SPI_OK_SELECT);
+
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	if (count_reads)
+		result->rows_read += DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+	result->created += DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+	result->updated += DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+	result->completed_applied += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+	result->compensated += DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
+	result->dead_lettered += DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
+	newest = DatumGetTimestampTz(SPI_getbinval(tup, desc, 7, &isnull));
+	if (isnull)
+		newest = 0;
+	SPI_freetuptable(SPI_tuptable);
+
+	run_plan(clear_plan, NULL, NULL, SPI_OK_UTILITY);
+	return newest;
+}
+
+/*
+ * sync_source
+ *		Retry the dead letters of one source, then read and apply what
+ *		changed in it since (watermark - lookback_window).
+ */
+static void
+sync_source(const Source *src, Datum deltas, CmCycleResult *result)
+{
+	SPIPlanPtr	stage;
+	Datum		values[4];
+	TimestampTz from;
+	int64		last_id = PG_INT64_MIN;
+	int64		staged = 0;
+
+	if (!OidIsValid(src->relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("foreign table %s of source %d does not exist",
+						quote_qualified_identifier(src->table_schema, src->table_name),
+						src->source_id),
+				 errhint("Run cm_attach_queue() again, or disable the source with "
+						 "UPDATE cm.source SET enabled = false WHERE source_id = %d.",
+						 src->source_id)));
+
+	/* Dead letters first: a newer version of the same row read below wins. */
+	values[0] = Int32GetDatum(src->source_id);
+	cm_report_phase("consistency_manager: retrying dead letters");
+	run_plan(stage_dl_plan, values, NULL, SPI_OK_INSERT);
+	if (SPI_processed > 0)
+		(void) process_batch(src->source_id, deltas, false, result);
+
+	/* Then the keyset pages of changed rows. */
+	if (!src->has_watermark || TIMESTAMP_NOT_FINITE(src->watermark))
+		TIMESTAMP_NOBEGIN(from);
+	else
+		from = src->watermark - (int64) cm_lookback_window * INT64CONST(1000);
+
+	stage = get_stage_plan(src);
+	cm_report_phase("consistency_manager: reading queue-db");
+	for (;;)
+	{
+		HeapTuple	tup;
+		TupleDesc	desc;
+		bool		isnull;
+		int64		n;
+
+		values[1] = TimestampTzGetDatum(from);
+		values[2] = Int64GetDatum(last_id);
+		values[3] = Int64GetDatum((int64) cm_batch_size);
+		run_plan(stage, values, NULL, SPI_OK_SELECT);
+
+		tup = SPI_tuptable->vals[0];
+		desc = SPI_tuptable->tupdesc;
+		n = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		if (n > 0)
+		{
+			from = DatumGetTimestampTz(SPI_getbinval(tup, desc, 2, &isnull));
+			last_id = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+		}
+		SPI_freetuptable(SPI_tuptable);
+		staged += n;
+		if (n < cm_batch_size)
+			break;
+	}
+
+	if (staged > 0)
+	{
+		TimestampTz newest = process_batch(src->source_id, deltas, true, result);
+		Datum		fvalues[2];
+
+		fvalues[0] = Int32GetDatum(src->source_id);
+		fvalues[1] = TimestampTzGetDatum(newest);
+		run_plan(finish_plan, fvalues, NULL, SPI_OK_UPDATE);
+	}
+}
+
+/*
+ * record_history
+ *		Append the cycle to cm.cycle_history when it changed something or
+ *		was asked for by hand, pruning rows past history_retention.
+ */
+static void
+record_history(const char *trigger, const CmCycleResult *r)
+{
+	Datum		values[12];
+
+	if (strcmp(trigger, "manual") != 0 &&
+		r->created + r->updated + r->completed_applied + r->compensated + r->dead_lettered == 0)
+		return;
+
+	values[0] = TimestampTzGetDatum(r->started_at);
+	values[1] = TimestampTzGetDatum(r->finished_at);
+	values[2] = Float8GetDatum(r->duration_ms);
+	values[3] = CStringGetTextDatum(trigger);
+	values[4] = Int32GetDatum(r->sources);
+	values[5] = Int64GetDatum(r->rows_read);
+	values[6] = Int64GetDatum(r->created);
+	values[7] = Int64GetDatum(r->updated);
+	values[8] = Int64GetDatum(r->completed_applied);
+	values[9] = Int64GetDatum(r->compensated);
+	values[10] = Int64GetDatum(r->dead_lettered);
+	values[11] = Float8GetDatum((double) cm_history_retention);
+	run_plan(history_plan, values, NULL, SPI_OK_INSERT);
+}
+
+/*
+ * cm_run_cycle
+ *		Run one sync cycle in the current transaction.
+ *
+ * The caller has a transaction and an active snapshot.  With
+ * wait_for_lock = false the cycle is skipped (result->ran = false) when
+ * another one holds the cycle lock.  Errors propagate: the caller's
+ * transaction aborts and nothing of the cycle remains.
+ */
+void
+cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
+{
+	Source	   *sources;
+	int			nsources;
+	Datum		deltas;
+	int			i;
+
+	memset(result, 0, sizeof(*result));
+	result->started_at = GetCurrentTimestamp();
+
+	if (!cm_lock_cycle(wait_for_lock))
+		return;
+	result->ran = true;
+	cm_stats_cycle_start();
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	prepare_fixed_plans();
+	deltas = read_deltas();
+	sources = read_sources(&nsources);
+	for (i = 0; i < nsources; i++)
+	{
+		sync_source(&sources[i], deltas, result);
+		result->sources++;
+	}
+
+	result->finished_at = GetCurrentTimestamp();
+	result->duration_ms = (double) (result->finished_at - result->started_at) / 1000.0;
+	record_history(trigger, result);
+
+	SPI_finish();
+	cm_stats_cycle_done(result);
+}
+
+/*
+ * cm_sync_now() returns record
+ *		Run a sync cycle now, in the caller's transaction, and say what it
+ *		did.  Waits for a cycle the worker is running.
+ */
+Datum
+cm_sync_now(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[8];
+	bool		nulls[8] = {0};
+	CmCycleResult r;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	cm_run_cycle(true, "manual", &r);
+
+	values[0] = Int32GetDatum(r.sources);
+	values[1] = Int64GetDatum(r.rows_read);
+	values[2] = Int64GetDatum(r.created);
+	values[3] = Int64GetDatum(r.updated);
+	values[4] = Int64GetDatum(r.completed_applied);
+	values[5] = Int64GetDatum(r.compensated);
+	values[6] = Int64GetDatum(r.dead_lettered);
+	values[7] = Float8GetDatum(r.duration_ms);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}

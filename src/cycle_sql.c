@@ -1,0 +1,360 @@
+/*-------------------------------------------------------------------------
+ *
+ * cycle_sql.c
+ *		Every SQL statement the sync cycle runs, in one place.
+ *
+ * cycle.c prepares each of these once per backend (SPI_prepare +
+ * SPI_keepplan) and runs them with parameters; no statement is built per
+ * row or per cycle.  The cycle works on one source at a time:
+ *
+ *	 1. stage:   copy one keyset page of changed queue rows into cm.batch
+ *				 (repeated until a short page); the filter, order and limit
+ *				 go to queue-db with the foreign scan.  Dead letters of the
+ *				 source are staged the same way in a pass of their own.
+ *	 2. process: one statement validates the staged rows as a set, compares
+ *				 them with the ledger, dead-letters the bad ones, upserts
+ *				 portfolio_transactions, applies the tier factors of the
+ *				 completions (compounded per account) and their
+ *				 compensations, and writes the ledger.
+ *	 3. finish:  advance the source's watermark; empty cm.batch.
+ *
+ * All of it runs in the caller's transaction, so the watermark, the ledger
+ * and every effect commit together or not at all.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "cm.h"
+
+/*
+ * Stage one keyset page of a source into cm.batch.
+ *
+ *	$1 source_id, $2 last updated_at read, $3 last queue_id read,
+ *	$4 page size.
+ *
+ * The redundant "updated_at >= $2" gives queue-db an index range to start
+ * from (an index on (updated_at, queue_id) makes a page cost its size);
+ * the OR is the keyset condition proper.  Returns the number of rows staged
+ * and the key of the last one.
+ */
+char *
+cm_sql_stage_page(const char *foreign_table, const char *account_column,
+				  const char *type_expr)
+{
+	return psprintf(
+		"WITH ins AS ("
+		"  INSERT INTO cm.batch (source_id, queue_id, uuid, accountid, transaction_type,"
+		"                        tier_1, tier_2, tier_3, status, created_at, updated_at)"
+		"  SELECT $1, q.queue_id, q.uuid, q.%s, %s,"
+		"         q.tier_1, q.tier_2, q.tier_3, q.status, q.created_at, q.updated_at"
+		"    FROM %s q"
+		"   WHERE q.updated_at >= $2 AND (q.updated_at > $2 OR q.queue_id > $3)"
+		"   ORDER BY q.updated_at, q.queue_id"
+		"   LIMIT $4"
+		"  RETURNING updated_at, queue_id)"
+		" SELECT n.cnt, k.updated_at, k.queue_id"
+		"   FROM (SELECT count(*) AS cnt FROM ins) n"
+		"   LEFT JOIN LATERAL (SELECT updated_at, queue_id FROM ins"
+		"                       ORDER BY updated_at DESC, queue_id DESC LIMIT 1) k ON true",
+		account_column, type_expr, foreign_table);
+}
+
+/* Stage a source's dead letters for another try.  $1 source_id. */
+const char *cm_sql_stage_dead_letters =
+	"INSERT INTO cm.batch (source_id, queue_id, uuid, accountid, transaction_type,"
+	"                      tier_1, tier_2, tier_3, status, created_at, updated_at)"
+	" SELECT source_id, queue_id, uuid, accountid, transaction_type,"
+	"        tier_1, tier_2, tier_3, status, created_at, updated_at"
+	"   FROM cm.dead_letter WHERE source_id = $1";
+
+/*
+ * Process the staged rows of one source.
+ *
+ *	$1 source_id, $2 the three tier deltas taken at the start of the cycle.
+ *	%1$s user_portfolios, %2$s portfolio_transactions (quoted, qualified),
+ *	%3$u and %4$u their OIDs.
+ *
+ * CTEs, in order:
+ *	cols  the scale and limit of every target column, read from the catalog
+ *		  each time so that a widened column takes effect at once;
+ *	c	  each staged row with its status mapping, portfolio, ledger entry,
+ *		  change class (new/changed/same/stale), effect on the account
+ *		  (apply/compensate) and, for rows that would act, why it cannot;
+ *	a	  per account, the product of the factors of its effects;
+ *	n	  per account, the new rounded tier values, and why they would not
+ *		  fit their columns;
+ *	f	  the rows with their final verdict (why is NULL: apply it);
+ *	dl, undl, tx, pu, li, lu   the writes.
+ *
+ * A row that was already applied (same) or is older than what was applied
+ * (stale) is a no-op, which is what makes a re-read harmless.
+ */
+char *
+cm_sql_process(const char *portfolios, const char *transactions,
+			   Oid portfolios_oid, Oid transactions_oid)
+{
+	return psprintf(
+		"WITH cols AS MATERIALIZED ("
+		"  SELECT ARRAY[cm.column_scale(%4$u::oid::regclass, 'tier1_change'),"
+		"               cm.column_scale(%4$u::oid::regclass, 'tier2_change'),"
+		"               cm.column_scale(%4$u::oid::regclass, 'tier3_change'),"
+		"               cm.column_scale(%4$u::oid::regclass, 'total_amount')] AS ts,"
+		"         ARRAY[cm.column_limit(%4$u::oid::regclass, 'tier1_change'),"
+		"               cm.column_limit(%4$u::oid::regclass, 'tier2_change'),"
+		"               cm.column_limit(%4$u::oid::regclass, 'tier3_change'),"
+		"               cm.column_limit(%4$u::oid::regclass, 'total_amount')] AS tl,"
+		"         ARRAY[cm.column_scale(%3$u::oid::regclass, 'tier1_value'),"
+		"               cm.column_scale(%3$u::oid::regclass, 'tier2_value'),"
+		"               cm.column_scale(%3$u::oid::regclass, 'tier3_value'),"
+		"               cm.column_scale(%3$u::oid::regclass, 'total_value'),"
+		"               cm.column_scale(%3$u::oid::regclass, 'tier1_allocation'),"
+		"               cm.column_scale(%3$u::oid::regclass, 'tier2_allocation'),"
+		"               cm.column_scale(%3$u::oid::regclass, 'tier3_allocation'),"
+		"               cm.column_scale(%3$u::oid::regclass, 'total_allocation')] AS ps,"
+		"         ARRAY[cm.column_limit(%3$u::oid::regclass, 'tier1_value'),"
+		"               cm.column_limit(%3$u::oid::regclass, 'tier2_value'),"
+		"               cm.column_limit(%3$u::oid::regclass, 'tier3_value'),"
+		"               cm.column_limit(%3$u::oid::regclass, 'total_value'),"
+		"               cm.column_limit(%3$u::oid::regclass, 'tier1_allocation'),"
+		"               cm.column_limit(%3$u::oid::regclass, 'tier2_allocation'),"
+		"               cm.column_limit(%3$u::oid::regclass, 'tier3_allocation'),"
+		"               cm.column_limit(%3$u::oid::regclass, 'total_allocation')] AS pl,"
+		"         cm.column_limit(%3$u::oid::regclass, 'accountid') AS alen"
+		"),"
+		" x AS ("
+		"  SELECT b.queue_id, b.uuid AS uuid_text, cm.try_uuid(b.uuid) AS id, b.accountid,"
+		"         b.transaction_type, b.tier_1, b.tier_2, b.tier_3, b.status,"
+		"         b.created_at, b.updated_at,"
+		"         CASE upper(b.transaction_type) WHEN 'INVEST' THEN 'INVEST'"
+		"              WHEN 'WITHDRAW' THEN 'WITHDRAWAL' WHEN 'WITHDRAWAL' THEN 'WITHDRAWAL' END AS kind,"
+		"         cm.round_to(b.tier_1, k.ts[1]) AS c1,"
+		"         cm.round_to(b.tier_2, k.ts[2]) AS c2,"
+		"         cm.round_to(b.tier_3, k.ts[3]) AS c3,"
+		"         k.tl[1] AS tl1, k.tl[2] AS tl2, k.tl[3] AS tl3, k.tl[4] AS tl4, k.alen,"
+		"         m.portfolio_status, p.accountid IS NOT NULL AS has_portfolio,"
+		"         l.uuid IS NOT NULL AS in_ledger, l.source_id AS l_source, l.kind AS l_kind,"
+		"         coalesce(l.applied, false) AS l_applied,"
+		"         l.factor1 AS l_f1, l.factor2 AS l_f2, l.factor3 AS l_f3,"
+		"         CASE WHEN l.uuid IS NULL THEN 'new'"
+		"              WHEN b.updated_at = l.updated_at AND b.status = l.status THEN 'same'"
+		"              WHEN b.updated_at < l.updated_at THEN 'stale'"
+		"              ELSE 'changed' END AS change,"
+		"         CASE WHEN b.status = 'COMPLETED' AND NOT coalesce(l.applied, false) THEN 'apply'"
+		"              WHEN b.status IS DISTINCT FROM 'COMPLETED' AND coalesce(l.applied, false)"
+		"                   THEN 'compensate' END AS effect"
+		"    FROM cm.batch b"
+		"   CROSS JOIN cols k"
+		"    LEFT JOIN cm.status_map m ON m.queue_status = b.status"
+		"    LEFT JOIN %1$s p ON p.accountid = b.accountid"
+		"    LEFT JOIN cm.ledger l ON l.uuid = cm.try_uuid(b.uuid)"
+		"   WHERE b.source_id = $1"
+		"),"
+		" c AS MATERIALIZED ("
+		"  SELECT x.queue_id, x.uuid_text, x.id, x.accountid, x.transaction_type,"
+		"         x.tier_1, x.tier_2, x.tier_3, x.status, x.created_at, x.updated_at,"
+		"         x.kind, x.c1, x.c2, x.c3, x.portfolio_status, x.change, x.effect,"
+		"         x.l_applied, x.l_f1, x.l_f2, x.l_f3,"
+		"         x.change IN ('new', 'changed') AS act,"
+		"         CASE"
+		"          WHEN x.change NOT IN ('new', 'changed') THEN NULL"
+		"          WHEN x.id IS NULL THEN format('malformed uuid %%s: expected 8-4-4-4-12 hexadecimal digits',"
+		"                                        coalesce(quote_literal(x.uuid_text), 'NULL'))"
+		"          WHEN x.status IS NULL THEN 'status is NULL'"
+		"          WHEN x.portfolio_status IS NULL THEN"
+		"               format('unknown status %%L: it has no row in cm.status_map', x.status)"
+		"          WHEN x.kind IS NULL THEN format('unknown transaction_type %%s: expected INVEST or WITHDRAW',"
+		"                                          coalesce(quote_literal(x.transaction_type), 'NULL'))"
+		"          WHEN x.updated_at IS NULL THEN 'updated_at is NULL'"
+		"          WHEN x.tier_1 IS NULL OR x.tier_2 IS NULL OR x.tier_3 IS NULL THEN"
+		"               format('a tier amount is NULL (%%s, %%s, %%s)',"
+		"                      coalesce(x.tier_1::text, 'NULL'), coalesce(x.tier_2::text, 'NULL'),"
+		"                      coalesce(x.tier_3::text, 'NULL'))"
+		"          WHEN NOT (x.tier_1 < 'Infinity' AND x.tier_2 < 'Infinity' AND x.tier_3 < 'Infinity')"
+		"               AND least(x.tier_1, x.tier_2, x.tier_3) >= 0 THEN"
+		"               format('a tier amount is not finite (%%s, %%s, %%s)', x.tier_1, x.tier_2, x.tier_3)"
+		"          WHEN least(x.tier_1, x.tier_2, x.tier_3) < 0 THEN"
+		"               format('a tier amount is negative (%%s, %%s, %%s)', x.tier_1, x.tier_2, x.tier_3)"
+		"          WHEN x.c1 >= x.tl1 THEN format('tier 1 amount %%s does not fit %%s.tier1_change', x.tier_1, %4$u::oid::regclass)"
+		"          WHEN x.c2 >= x.tl2 THEN format('tier 2 amount %%s does not fit %%s.tier2_change', x.tier_2, %4$u::oid::regclass)"
+		"          WHEN x.c3 >= x.tl3 THEN format('tier 3 amount %%s does not fit %%s.tier3_change', x.tier_3, %4$u::oid::regclass)"
+		"          WHEN x.c1 + x.c2 + x.c3 >= x.tl4 THEN"
+		"               format('total amount %%s does not fit %%s.total_amount', x.c1 + x.c2 + x.c3, %4$u::oid::regclass)"
+		"          WHEN x.accountid IS NULL THEN 'account id is NULL'"
+		"          WHEN length(x.accountid) > x.alen THEN"
+		"               format('account id %%L is longer than the %%s characters %%s.accountid allows',"
+		"                      x.accountid, x.alen, %3$u::oid::regclass)"
+		"          WHEN NOT x.has_portfolio THEN format('account %%L has no row in %%s', x.accountid, %3$u::oid::regclass)"
+		"          WHEN x.in_ledger AND (x.l_source <> $1 OR x.l_kind <> x.kind) THEN"
+		"               format('uuid %%s is already used by an %%s request read from source %%s',"
+		"                      x.id, x.l_kind, x.l_source)"
+		"          WHEN x.effect = 'compensate' AND 0 IN (x.l_f1, x.l_f2, x.l_f3) THEN"
+		"               'cannot compensate: its completion multiplied a tier by 0 (a delta of -100%%)'"
+		"         END AS reason"
+		"    FROM x"
+		"),"
+		" a AS MATERIALIZED ("
+		"  SELECT c.accountid,"
+		"         cm.product(CASE WHEN c.effect = 'apply' THEN 1 + $2[1] ELSE 1 / c.l_f1 END)"
+		"             FILTER (WHERE c.kind = 'INVEST') AS iv1,"
+		"         cm.product(CASE WHEN c.effect = 'apply' THEN 1 + $2[2] ELSE 1 / c.l_f2 END)"
+		"             FILTER (WHERE c.kind = 'INVEST') AS iv2,"
+		"         cm.product(CASE WHEN c.effect = 'apply' THEN 1 + $2[3] ELSE 1 / c.l_f3 END)"
+		"             FILTER (WHERE c.kind = 'INVEST') AS iv3,"
+		"         cm.product(CASE WHEN c.effect = 'apply' THEN 1 - $2[1] ELSE 1 / c.l_f1 END)"
+		"             FILTER (WHERE c.kind = 'WITHDRAWAL') AS wd1,"
+		"         cm.product(CASE WHEN c.effect = 'apply' THEN 1 - $2[2] ELSE 1 / c.l_f2 END)"
+		"             FILTER (WHERE c.kind = 'WITHDRAWAL') AS wd2,"
+		"         cm.product(CASE WHEN c.effect = 'apply' THEN 1 - $2[3] ELSE 1 / c.l_f3 END)"
+		"             FILTER (WHERE c.kind = 'WITHDRAWAL') AS wd3"
+		"    FROM c"
+		"   WHERE c.act AND c.reason IS NULL AND c.effect IS NOT NULL"
+		"   GROUP BY c.accountid"
+		"),"
+		" y AS ("
+		"  SELECT p.accountid,"
+		"         cm.round_to(p.tier1_value * coalesce(a.iv1, 1), k.ps[1]) AS v1,"
+		"         cm.round_to(p.tier2_value * coalesce(a.iv2, 1), k.ps[2]) AS v2,"
+		"         cm.round_to(p.tier3_value * coalesce(a.iv3, 1), k.ps[3]) AS v3,"
+		"         cm.round_to(p.tier1_allocation * coalesce(a.wd1, 1), k.ps[5]) AS a1,"
+		"         cm.round_to(p.tier2_allocation * coalesce(a.wd2, 1), k.ps[6]) AS a2,"
+		"         cm.round_to(p.tier3_allocation * coalesce(a.wd3, 1), k.ps[7]) AS a3,"
+		"         k.pl"
+		"    FROM a"
+		"    JOIN %1$s p ON p.accountid = a.accountid"
+		"   CROSS JOIN cols k"
+		"),"
+		" n AS MATERIALIZED ("
+		"  SELECT y.accountid, y.v1, y.v2, y.v3, y.a1, y.a2, y.a3,"
+		"         CASE"
+		"          WHEN abs(y.v1) >= y.pl[1] THEN format('tier 1 value %%s would not fit %%s.tier1_value', y.v1, %3$u::oid::regclass)"
+		"          WHEN abs(y.v2) >= y.pl[2] THEN format('tier 2 value %%s would not fit %%s.tier2_value', y.v2, %3$u::oid::regclass)"
+		"          WHEN abs(y.v3) >= y.pl[3] THEN format('tier 3 value %%s would not fit %%s.tier3_value', y.v3, %3$u::oid::regclass)"
+		"          WHEN abs(y.v1 + y.v2 + y.v3) >= y.pl[4] THEN"
+		"               format('total value %%s would not fit %%s.total_value', y.v1 + y.v2 + y.v3, %3$u::oid::regclass)"
+		"          WHEN abs(y.a1) >= y.pl[5] THEN format('tier 1 allocation %%s would not fit %%s.tier1_allocation', y.a1, %3$u::oid::regclass)"
+		"          WHEN abs(y.a2) >= y.pl[6] THEN format('tier 2 allocation %%s would not fit %%s.tier2_allocation', y.a2, %3$u::oid::regclass)"
+		"          WHEN abs(y.a3) >= y.pl[7] THEN format('tier 3 allocation %%s would not fit %%s.tier3_allocation', y.a3, %3$u::oid::regclass)"
+		"          WHEN abs(y.a1 + y.a2 + y.a3) >= y.pl[8] THEN"
+		"               format('total allocation %%s would not fit %%s.total_allocation', y.a1 + y.a2 + y.a3, %3$u::oid::regclass)"
+		"         END AS overflow"
+		"    FROM y"
+		"),"
+		" f AS MATERIALIZED ("
+		"  SELECT c.queue_id, c.uuid_text, c.id, c.accountid, c.transaction_type,"
+		"         c.tier_1, c.tier_2, c.tier_3, c.status, c.created_at, c.updated_at,"
+		"         c.kind, c.c1, c.c2, c.c3, c.portfolio_status, c.change, c.effect, c.act,"
+		"         c.l_applied, c.l_f1, c.l_f2, c.l_f3,"
+		"         CASE c.kind WHEN 'INVEST' THEN 1 ELSE -1 END AS sgn,"
+		"         CASE WHEN c.effect = 'apply' AND c.kind = 'INVEST' THEN ARRAY[1 + $2[1], 1 + $2[2], 1 + $2[3]]"
+		"              WHEN c.effect = 'apply' THEN ARRAY[1 - $2[1], 1 - $2[2], 1 - $2[3]] END AS factors,"
+		"         coalesce(c.reason, n.overflow) AS why"
+		"    FROM c"
+		"    LEFT JOIN n ON n.accountid = c.accountid AND c.act AND c.effect IS NOT NULL"
+		"                   AND c.reason IS NULL AND n.overflow IS NOT NULL"
+		"),"
+		" dl AS ("
+		"  INSERT INTO cm.dead_letter AS d (source_id, queue_id, uuid, accountid, transaction_type,"
+		"                                   tier_1, tier_2, tier_3, status, created_at, updated_at, reason)"
+		"  SELECT $1, f.queue_id, f.uuid_text, f.accountid, f.transaction_type,"
+		"         f.tier_1, f.tier_2, f.tier_3, f.status, f.created_at, f.updated_at, f.why"
+		"    FROM f WHERE f.why IS NOT NULL"
+		"  ON CONFLICT (source_id, queue_id) DO UPDATE"
+		"     SET uuid = excluded.uuid, accountid = excluded.accountid,"
+		"         transaction_type = excluded.transaction_type, tier_1 = excluded.tier_1,"
+		"         tier_2 = excluded.tier_2, tier_3 = excluded.tier_3, status = excluded.status,"
+		"         created_at = excluded.created_at, updated_at = excluded.updated_at,"
+		"         reason = excluded.reason, last_seen = now(), attempts = d.attempts + 1"
+		"  RETURNING d.attempts = 1 AS fresh"
+		"),"
+		" undl AS ("
+		"  DELETE FROM cm.dead_letter d USING f"
+		"   WHERE d.source_id = $1 AND d.queue_id = f.queue_id AND f.why IS NULL"
+		"     AND EXISTS (SELECT 1 FROM cm.dead_letter e WHERE e.source_id = $1)"
+		"  RETURNING 1"
+		"),"
+		" tx AS ("
+		"  INSERT INTO %2$s AS t (id, accountid, transaction_type, tier1_change, tier2_change,"
+		"                         tier3_change, total_amount, status, created_at, updated_at)"
+		"  SELECT f.id, f.accountid, f.kind, f.sgn * f.c1, f.sgn * f.c2, f.sgn * f.c3,"
+		"         f.sgn * (f.c1 + f.c2 + f.c3), f.portfolio_status, f.created_at, f.updated_at"
+		"    FROM f WHERE f.act AND f.why IS NULL"
+		"  ON CONFLICT (id) DO UPDATE"
+		"     SET accountid = excluded.accountid, transaction_type = excluded.transaction_type,"
+		"         tier1_change = excluded.tier1_change, tier2_change = excluded.tier2_change,"
+		"         tier3_change = excluded.tier3_change, total_amount = excluded.total_amount,"
+		"         status = excluded.status, updated_at = excluded.updated_at"
+		"  RETURNING 1"
+		"),"
+		" pu AS ("
+		"  UPDATE %1$s p"
+		"     SET tier1_value = n.v1, tier2_value = n.v2, tier3_value = n.v3,"
+		"         total_value = n.v1 + n.v2 + n.v3,"
+		"         tier1_allocation = n.a1, tier2_allocation = n.a2, tier3_allocation = n.a3,"
+		"         total_allocation = n.a1 + n.a2 + n.a3"
+		"    FROM n"
+		"   WHERE p.accountid = n.accountid AND n.overflow IS NULL"
+		"  RETURNING 1"
+		"),"
+		" li AS ("
+		"  INSERT INTO cm.ledger (uuid, source_id, queue_id, kind, accountid, status, updated_at,"
+		"                         applied, factor1, factor2, factor3, synced_at)"
+		"  SELECT f.id, $1, f.queue_id, f.kind, f.accountid, f.status, f.updated_at,"
+		"         f.effect IS NOT DISTINCT FROM 'apply', f.factors[1], f.factors[2], f.factors[3], now()"
+		"    FROM f WHERE f.act AND f.why IS NULL AND f.change = 'new'"
+		"  RETURNING 1"
+		"),"
+		" lu AS ("
+		"  UPDATE cm.ledger l"
+		"     SET queue_id = f.queue_id, accountid = f.accountid, status = f.status,"
+		"         updated_at = f.updated_at,"
+		"         applied = CASE f.effect WHEN 'apply' THEN true WHEN 'compensate' THEN false"
+		"                   ELSE l.applied END,"
+		"         factor1 = CASE WHEN f.effect IS NULL THEN l.factor1 ELSE f.factors[1] END,"
+		"         factor2 = CASE WHEN f.effect IS NULL THEN l.factor2 ELSE f.factors[2] END,"
+		"         factor3 = CASE WHEN f.effect IS NULL THEN l.factor3 ELSE f.factors[3] END,"
+		"         synced_at = now()"
+		"    FROM f"
+		"   WHERE l.uuid = f.id AND f.act AND f.why IS NULL AND f.change = 'changed'"
+		"  RETURNING 1"
+		")"
+		" SELECT count(*) AS rows_read,"
+		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.change = 'new') AS created,"
+		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.change = 'changed') AS updated,"
+		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.effect = 'apply') AS applied,"
+		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.effect = 'compensate') AS compensated,"
+		"        (SELECT count(*) FROM dl WHERE dl.fresh) AS dead_lettered,"
+		"        max(f.updated_at) AS max_updated_at,"
+		"        (SELECT count(*) FROM undl) + (SELECT count(*) FROM tx) + (SELECT count(*) FROM pu)"
+		"          + (SELECT count(*) FROM li) + (SELECT count(*) FROM lu) AS writes"
+		"   FROM f",
+		portfolios, transactions, portfolios_oid, transactions_oid);
+}
+
+/* The enabled sources, in the order their cycle runs. */
+const char *cm_sql_sources =
+	"SELECT s.source_id, s.table_schema::text, s.table_name::text, s.layout,"
+	"       s.account_column::text, s.watermark,"
+	"       to_regclass(quote_ident(s.table_schema) || '.' || quote_ident(s.table_name))::oid"
+	"  FROM cm.source s WHERE s.enabled ORDER BY s.source_id";
+
+/* Pool and market value of each tier; cycle.c turns them into deltas. */
+const char *cm_sql_deltas =
+	"SELECT tier, pool_value, market_value FROM cm.tier_value ORDER BY tier";
+
+/* Advance a source's watermark.  $1 source_id, $2 newest updated_at applied. */
+const char *cm_sql_finish_source =
+	"UPDATE cm.source SET watermark = greatest(watermark, $2), last_synced_at = now()"
+	" WHERE source_id = $1";
+
+/* Empty the scratch table (its rows were only ever seen by this cycle). */
+const char *cm_sql_clear_batch = "TRUNCATE cm.batch";
+
+/* Record a cycle that did something, and prune what is past retention. */
+const char *cm_sql_history =
+	"WITH pruned AS (DELETE FROM cm.cycle_history"
+	"                 WHERE started_at < now() - make_interval(secs => $12))"
+	" INSERT INTO cm.cycle_history (started_at, finished_at, duration_ms, trigger, sources,"
+	"                               rows_read, created, updated, completed_applied,"
+	"                               compensated, dead_lettered)"
+	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";

@@ -1,0 +1,121 @@
+/*-------------------------------------------------------------------------
+ *
+ * guc.c
+ *		The consistency_manager.* configuration parameters.
+ *
+ * Every parameter is documented in README.md (unit, default, range and
+ * when it takes effect); keep the two in step.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "utils/guc.h"
+
+#include "cm.h"
+
+char	   *cm_database = NULL;
+char	   *cm_role = NULL;
+bool		cm_enabled = true;
+int			cm_polling_interval = 30000;
+int			cm_batch_size = 10000;
+int			cm_lookback_window = 120000;
+int			cm_max_backoff = 300000;
+int			cm_history_retention = 7 * 24 * 3600;
+char	   *cm_portfolio_schema = NULL;
+
+/*
+ * cm_define_gucs
+ *		Define the parameters and reserve the prefix.
+ *
+ * Called from _PG_init whether or not the library is preloaded, so that a
+ * session that only uses the SQL functions can still SET them.  Parameters
+ * that only the background worker reads at start are PGC_POSTMASTER.
+ */
+void
+cm_define_gucs(void)
+{
+	DefineCustomStringVariable("consistency_manager.database",
+							   "Database the background worker connects to.",
+							   "The extension must be created in this database.",
+							   &cm_database,
+							   "postgres",
+							   PGC_POSTMASTER,
+							   0,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("consistency_manager.role",
+							   "Role the background worker runs the sync cycle as.",
+							   "Empty means the bootstrap superuser.",
+							   &cm_role,
+							   "",
+							   PGC_POSTMASTER,
+							   0,
+							   NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("consistency_manager.enabled",
+							 "Whether the background worker runs sync cycles.",
+							 "When off the worker stays connected but idle.",
+							 &cm_enabled,
+							 true,
+							 PGC_SIGHUP,
+							 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.polling_interval",
+							"Time between the background worker's sync cycles.",
+							NULL,
+							&cm_polling_interval,
+							30000, 100, 24 * 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.batch_size",
+							"Rows read from a queue table per remote round trip (keyset page).",
+							NULL,
+							&cm_batch_size,
+							10000, 1, 1000000,
+							PGC_SUSET,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.lookback_window",
+							"How far before a source's watermark each cycle reads again.",
+							"Covers queue-db transactions that commit after a later one "
+							"was already read: set it above the longest such transaction.",
+							&cm_lookback_window,
+							120000, 0, 7 * 24 * 3600 * 1000,
+							PGC_SUSET,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.max_backoff",
+							"Longest wait between retries after failed cycles.",
+							NULL,
+							&cm_max_backoff,
+							300000, 1000, 24 * 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.history_retention",
+							"How long rows are kept in cm.cycle_history.",
+							NULL,
+							&cm_history_retention,
+							7 * 24 * 3600, 0, PG_INT32_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("consistency_manager.portfolio_schema",
+							   "Schema holding user_portfolios and portfolio_transactions.",
+							   NULL,
+							   &cm_portfolio_schema,
+							   "public",
+							   PGC_SUSET,
+							   0,
+							   NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("consistency_manager");
+}

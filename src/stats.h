@@ -1,0 +1,50 @@
+/*-------------------------------------------------------------------------
+ *
+ * stats.h
+ *		The shared state of consistency_manager (see stats.c).
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CM_STATS_H
+#define CM_STATS_H
+
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+
+typedef struct CmSharedState
+{
+	LWLock	   *lock;
+
+	/* the background worker */
+	pid_t		worker_pid;
+	Latch	   *worker_latch;	/* set by cm_wake() */
+	char		worker_state[64];
+	bool		stop_requested;	/* set by cm_worker_stop() */
+
+	/* cycles, by the worker and by cm_sync_now() */
+	int64		cycles;
+	int64		skipped;		/* worker turns skipped: a manual cycle held the lock */
+	int64		rows_read;
+	int64		created;
+	int64		updated;
+	int64		completed_applied;
+	int64		compensated;
+	int64		dead_lettered;
+	int64		errors;
+	int64		consecutive_failures;
+	char		last_error[256];
+	TimestampTz last_error_at;
+	TimestampTz last_cycle_start;
+	TimestampTz last_cycle_end;
+	double		last_cycle_duration_ms;
+} CmSharedState;
+
+extern CmSharedState *cm_shared;
+extern bool cm_in_worker;
+
+extern void cm_stats_install_hooks(void);
+extern void cm_report_phase(const char *phase);
+extern void cm_set_worker_state(const char *state);
+extern void cm_stats_skipped(void);
+
+#endif							/* CM_STATS_H */

@@ -1,0 +1,170 @@
+/*-------------------------------------------------------------------------
+ *
+ * tier_math.c
+ *		The tier market-delta math, and the numeric helpers the cycle's SQL
+ *		uses to apply it.
+ *
+ *		delta_n = (market_n - pool_n) / pool_n		(0 when pool_n is 0)
+ *
+ * A completed investment multiplies a tier's value by (1 + delta); a
+ * completed withdrawal multiplies its allocation by (1 - delta).  All of it
+ * is numeric arithmetic: never floating point.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/numeric.h"
+#include "utils/uuid.h"
+
+#include "cm.h"
+
+/* Decimal places kept by cm.product between factors. */
+#define CM_FACTOR_SCALE 40
+
+PG_FUNCTION_INFO_V1(cm_tier_delta);
+PG_FUNCTION_INFO_V1(cm_factor_mul);
+PG_FUNCTION_INFO_V1(cm_try_uuid);
+PG_FUNCTION_INFO_V1(cm_typmod_scale);
+
+/*
+ * check_tier_amount
+ *		Reject a pool or market value the math cannot use.
+ *
+ * NaN and the infinities make every delta meaningless, and a negative pool
+ * or market value has no meaning for a tier; all of them are the caller's
+ * mistake, so they get 22023 and a hint rather than a silent NULL.
+ */
+static void
+check_tier_amount(Numeric value, const char *what)
+{
+	if (numeric_is_nan(value) || numeric_is_inf(value))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be a finite number", what),
+				 errdetail("The value given was %s.",
+						   DatumGetCString(DirectFunctionCall1(numeric_out,
+															   NumericGetDatum(value)))),
+				 errhint("Pass a finite, non-negative amount.")));
+
+	if (DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(value),
+										  NumericGetDatum(int64_to_numeric(0)))) < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be negative", what),
+				 errdetail("The value given was %s.",
+						   DatumGetCString(DirectFunctionCall1(numeric_out,
+															   NumericGetDatum(value)))),
+				 errhint("Tier pool and market values are amounts of money, zero or more.")));
+}
+
+/*
+ * cm_tier_delta(pool numeric, market numeric) returns numeric
+ *		(market - pool) / pool, or 0 when pool is 0.
+ *
+ * A pool of 0 has no market movement to speak of, so its delta is 0 rather
+ * than a division error: a completion then leaves the tier unchanged.
+ */
+Datum
+cm_tier_delta(PG_FUNCTION_ARGS)
+{
+	Numeric		pool = PG_GETARG_NUMERIC(0);
+	Numeric		market = PG_GETARG_NUMERIC(1);
+	Numeric		zero = int64_to_numeric(0);
+
+	check_tier_amount(pool, "pool value");
+	check_tier_amount(market, "market value");
+
+	if (DatumGetInt32(DirectFunctionCall2(numeric_cmp, NumericGetDatum(pool),
+										  NumericGetDatum(zero))) == 0)
+		PG_RETURN_NUMERIC(zero);
+
+	/* trailing zeros say nothing: 0.05, not 0.05000000000000000000 */
+	PG_RETURN_DATUM(DirectFunctionCall1(numeric_trim_scale,
+										NumericGetDatum(numeric_div_opt_error(numeric_sub_opt_error(market, pool, NULL),
+																			  pool, NULL))));
+}
+
+/*
+ * cm_factor_mul(a numeric, b numeric) returns numeric
+ *		a * b, rounded to CM_FACTOR_SCALE decimal places.
+ *
+ * The transition function of the cm.product aggregate, which compounds the
+ * factors of several completions of one account in one cycle.  An exact
+ * product would grow by the scale of a factor (about 20 digits) with every
+ * completion; 40 decimal places are far beyond any column's scale and keep
+ * the cost per completion constant.
+ */
+Datum
+cm_factor_mul(PG_FUNCTION_ARGS)
+{
+	Numeric		product;
+
+	product = numeric_mul_opt_error(PG_GETARG_NUMERIC(0), PG_GETARG_NUMERIC(1), NULL);
+	PG_RETURN_DATUM(DirectFunctionCall2(numeric_round, NumericGetDatum(product),
+										Int32GetDatum(CM_FACTOR_SCALE)));
+}
+
+/*
+ * cm_try_uuid(text) returns uuid
+ *		The uuid a queue row's text stands for, or NULL when it is malformed.
+ *
+ * Only the canonical 8-4-4-4-12 form of hexadecimal digits is accepted (in
+ * either case): that is the form the queue services write, and refusing the
+ * other spellings uuid_in tolerates keeps "one text, one uuid" true, so the
+ * queue's unique constraint on the text stays a unique constraint on the
+ * uuid.  Returning NULL instead of raising lets the cycle send the row to the
+ * dead-letter table and go on with the batch.
+ */
+Datum
+cm_try_uuid(PG_FUNCTION_ARGS)
+{
+	text	   *t = PG_GETARG_TEXT_PP(0);
+	const char *s = VARDATA_ANY(t);
+	int			len = VARSIZE_ANY_EXHDR(t);
+	char		buf[37];
+	int			i;
+
+	if (len != 36)
+		PG_RETURN_NULL();
+	for (i = 0; i < 36; i++)
+	{
+		char		c = s[i];
+
+		if (i == 8 || i == 13 || i == 18 || i == 23)
+		{
+			if (c != '-')
+				PG_RETURN_NULL();
+		}
+		else if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
+				   (c >= 'A' && c <= 'F')))
+			PG_RETURN_NULL();
+		buf[i] = c;
+	}
+	buf[36] = '\0';
+	PG_RETURN_DATUM(DirectFunctionCall1(uuid_in, CStringGetDatum(buf)));
+}
+
+/*
+ * cm_typmod_scale(typmod integer) returns integer
+ *		The scale of a numeric(p,s) column given its atttypmod; NULL when the
+ *		column is unconstrained numeric.
+ *
+ * The cycle rounds every amount it writes to the scale of the column it
+ * goes to, so that the application's CHECK constraints (tiers sum to the
+ * total) hold for the rounded values it computes itself.  The decoding
+ * follows numeric's typmod layout: ((p << 16) | s) + VARHDRSZ, with s an
+ * 11-bit signed field.
+ */
+Datum
+cm_typmod_scale(PG_FUNCTION_ARGS)
+{
+	int32		typmod = PG_GETARG_INT32(0);
+
+	if (typmod < (int32) VARHDRSZ)
+		PG_RETURN_NULL();
+	PG_RETURN_INT32((((typmod - VARHDRSZ) & 0x7ff) ^ 1024) - 1024);
+}

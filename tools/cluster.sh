@@ -1,0 +1,90 @@
+# tools/cluster.sh -- sourced by the demo, test and bench scripts.
+#
+# Installs what is missing from Debian, builds and installs the extension,
+# and runs throw-away PostgreSQL 15 clusters as the postgres user (initdb
+# refuses root) on a free port of 127.0.0.1 only.
+
+set -euo pipefail
+
+CM_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PGBIN=/usr/lib/postgresql/15/bin
+export PATH="$PGBIN:$PATH"
+
+# run a command as the postgres user when we are root, as ourselves otherwise
+as_pg() {
+    if [ "$(id -u)" = 0 ]; then
+        runuser -u postgres -- env PATH="$PATH" "$@"
+    else
+        "$@"
+    fi
+}
+
+# install the Debian packages that are missing (only as root)
+cm_install_packages() {
+    local want=(postgresql-15 postgresql-server-dev-15 postgresql-15-pgtap
+                libtap-parser-sourcehandler-pgtap-perl libipc-run-perl make gcc "$@")
+    local missing=()
+    for p in "${want[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    local real=("${missing[@]}")
+    if [ ${#real[@]} -gt 0 ]; then
+        if [ "$(id -u)" != 0 ]; then
+            echo "missing Debian packages: ${real[*]} (run as root to install them)" >&2
+            exit 1
+        fi
+        echo "== installing ${real[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${real[@]}" >/dev/null
+    fi
+}
+
+# build with warnings as errors and install into the PostgreSQL 15 tree
+cm_build_install() {
+    echo "== building consistency_manager"
+    make -C "$CM_ROOT" -s clean >/dev/null
+    make -C "$CM_ROOT" -s PG_CONFIG=$PGBIN/pg_config COPT='-Wall -Wextra -Werror' >/dev/null
+    if [ "$(id -u)" = 0 ]; then
+        make -C "$CM_ROOT" -s PG_CONFIG=$PGBIN/pg_config install >/dev/null
+    else
+        sudo make -C "$CM_ROOT" -s PG_CONFIG=$PGBIN/pg_config install >/dev/null
+    fi
+}
+
+# a directory the postgres user can write to
+cm_workdir() {
+    local d
+    d=$(mktemp -d /tmp/consistency_manager.XXXXXX)
+    chmod 755 "$d"
+    [ "$(id -u)" = 0 ] && chown postgres: "$d"
+    echo "$d"
+}
+
+# a TCP port nobody listens on
+cm_free_port() {
+    python3 - <<'PY' 2>/dev/null || echo $(( 20000 + RANDOM % 20000 ))
+import socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()
+PY
+}
+
+# cm_start_cluster DIR PORT [extra postgresql.conf lines...]
+cm_start_cluster() {
+    local dir=$1 port=$2
+    shift 2
+    as_pg initdb -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
+    {
+        echo "listen_addresses = '127.0.0.1'"
+        echo "port = $port"
+        echo "unix_socket_directories = '$dir'"
+        echo "fsync = off"
+        echo "max_worker_processes = 16"
+        for line in "$@"; do echo "$line"; done
+    } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
+    as_pg pg_ctl -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+}
+
+cm_stop_cluster() {
+    local dir=$1
+    [ -f "$dir/data/postmaster.pid" ] && as_pg pg_ctl -D "$dir/data" -m fast -w stop >/dev/null || true
+}
