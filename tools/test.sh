@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# tools/test.sh -- build consistency_manager and run every test suite:
+#   pg_regress (sql/, expected/) against a temporary instance it starts itself,
+#   pgTAP (test/*.sql) with pg_prove against a throw-away cluster,
+#   PostgreSQL TAP tests (t/*.pl) with PostgreSQL::Test::Cluster.
+# Installs the Debian packages it needs.  Run it as root (CI) or as a user
+# with sudo.  Exits non-zero when any suite fails.
+#
+#   bash tools/test.sh              every suite
+#   bash tools/test.sh regress      one suite (regress, pgtap or tap)
+
+source "$(dirname "${BASH_SOURCE[0]}")/cluster.sh"
+
+suites=${*:-regress pgtap tap}
+cm_install_packages
+# CM_SKIP_BUILD=1 reuses the installed build (handy while writing tests)
+[ -n "${CM_SKIP_BUILD:-}" ] || cm_build_install
+
+WORK=$(cm_workdir)
+# the suites run as the postgres user, which may not read the checkout
+cp -r "$CM_ROOT/sql" "$CM_ROOT/expected" "$CM_ROOT/test" "$CM_ROOT/t" "$WORK/"
+[ "$(id -u)" = 0 ] && chown -R postgres: "$WORK"
+
+PGXS_DIR=$(dirname "$($PGBIN/pg_config --pgxs)")/../..
+passed=0
+failed=0
+failures=()
+CLUSTER=""
+cleanup() {
+    [ -n "$CLUSTER" ] && cm_stop_cluster "$CLUSTER"
+    if [ $failed -eq 0 ] && [ -z "${CM_KEEP:-}" ]; then rm -rf "$WORK"; else echo "(test files kept in $WORK)"; fi
+}
+trap cleanup EXIT
+
+run_regress() {
+    local tests port
+    tests=$(cd "$WORK/sql" && ls *.sql | sed 's/\.sql$//' | sort | tr '\n' ' ')
+    port=$(cm_free_port)
+    echo "== pg_regress: $tests"
+    if (cd "$WORK" && as_pg "$PGXS_DIR/src/test/regress/pg_regress" \
+            --temp-instance="$WORK/regress_instance" \
+            --temp-config="$WORK/test/regress.conf" \
+            --inputdir="$WORK" --outputdir="$WORK" \
+            --host=127.0.0.1 --port="$port" \
+            --bindir="$PGBIN" $tests); then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1)); failures+=(pg_regress)
+        [ -f "$WORK/regression.diffs" ] && cat "$WORK/regression.diffs"
+    fi
+}
+
+run_pgtap() {
+    local port
+    port=$(cm_free_port)
+    CLUSTER="$WORK/pgtap"
+    as_pg mkdir -p "$CLUSTER"
+    echo "== pgTAP: cluster on 127.0.0.1:$port"
+    cm_start_cluster "$CLUSTER" "$port" \
+        "shared_preload_libraries = 'consistency_manager'" \
+        "consistency_manager.database = 'portfolio'" \
+        "consistency_manager.enabled = off"
+    local psql="psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $port -U postgres"
+    as_pg $psql -d postgres -c "CREATE DATABASE queue" -c "CREATE DATABASE portfolio"
+    as_pg $psql -d queue -f "$WORK/test/fixtures/queue_db.sql"
+    as_pg $psql -d portfolio -f "$WORK/test/fixtures/portfolio_db.sql" \
+        -c "CREATE EXTENSION pgtap" \
+        -c "CREATE EXTENSION consistency_manager CASCADE" \
+        -c "CREATE SERVER queue_server FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1', port '$port', dbname 'queue')" \
+        -c "CREATE USER MAPPING FOR postgres SERVER queue_server OPTIONS (user 'postgres')"
+    if (cd "$WORK" && as_pg pg_prove -h 127.0.0.1 -p "$port" -U postgres -d portfolio test/*.sql); then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1)); failures+=(pgTAP)
+    fi
+    cm_stop_cluster "$CLUSTER"
+    CLUSTER=""
+}
+
+run_tap() {
+    echo "== TAP: t/*.pl"
+    as_pg mkdir -p "$WORK/tap"
+    if (cd "$WORK" && as_pg env PERL5LIB="$PGXS_DIR/src/test/perl:$WORK/t" \
+            TESTDIR="$WORK/tap" PG_REGRESS="$PGXS_DIR/src/test/regress/pg_regress" \
+            CM_FIXTURES="$WORK/test/fixtures" \
+            prove --timer t/*.pl); then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1)); failures+=(TAP)
+        for f in "$WORK"/tap/tmp_check/log/regress_log_*; do
+            [ -f "$f" ] && { echo "--- $f (last 60 lines)"; tail -60 "$f"; }
+        done
+    fi
+}
+
+for s in $suites; do
+    case $s in
+        regress) run_regress ;;
+        pgtap) run_pgtap ;;
+        tap) run_tap ;;
+        *) echo "unknown suite $s (regress, pgtap, tap)" >&2; exit 2 ;;
+    esac
+done
+
+echo
+[ $failed -gt 0 ] && echo "failed suites: ${failures[*]}"
+echo "suites: $passed passed, $failed failed"
+[ $failed -eq 0 ]
