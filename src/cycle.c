@@ -29,6 +29,7 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -353,6 +354,7 @@ sync_source(const Source *src, Datum deltas, CmCycleResult *result)
 	TimestampTz from;
 	int64		last_id = PG_INT64_MIN;
 	int64		staged = 0;
+	int			save_nestlevel;
 
 	if (!OidIsValid(src->relid))
 		ereport(ERROR,
@@ -376,6 +378,15 @@ sync_source(const Source *src, Datum deltas, CmCycleResult *result)
 		TIMESTAMP_NOBEGIN(from);
 	else
 		from = src->watermark - (int64) cm_lookback_window * INT64CONST(1000);
+
+	/*
+	 * With few rows estimated, the planner may prefer to sort a page
+	 * locally, which would fetch every changed row for each page.  Without
+	 * local sorting the order and the limit go to queue-db.
+	 */
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("enable_sort", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
 
 	stage = get_stage_plan(src);
 	cm_report_phase("consistency_manager: reading queue-db");
@@ -404,6 +415,7 @@ sync_source(const Source *src, Datum deltas, CmCycleResult *result)
 		if (n < cm_batch_size)
 			break;
 	}
+	AtEOXact_GUC(true, save_nestlevel);
 
 	if (staged > 0)
 	{

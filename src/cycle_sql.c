@@ -36,7 +36,9 @@
  * The redundant "updated_at >= $2" gives queue-db an index range to start
  * from (an index on (updated_at, queue_id) makes a page cost its size);
  * the OR is the keyset condition proper.  Returns the number of rows staged
- * and the key of the last one.
+ * and the key of the last one.  cycle.c plans it with enable_sort off, so
+ * that the order (and with it the limit) always goes to queue-db: a local
+ * sort would fetch every changed row for every page.
  */
 char *
 cm_sql_stage_page(const char *foreign_table, const char *account_column,
@@ -53,10 +55,10 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 		"   ORDER BY q.updated_at, q.queue_id"
 		"   LIMIT $4"
 		"  RETURNING updated_at, queue_id)"
-		" SELECT n.cnt, k.updated_at, k.queue_id"
-		"   FROM (SELECT count(*) AS cnt FROM ins) n"
-		"   LEFT JOIN LATERAL (SELECT updated_at, queue_id FROM ins"
-		"                       ORDER BY updated_at DESC, queue_id DESC LIMIT 1) k ON true",
+		" SELECT count(*), max(ins.updated_at),"
+		"        (SELECT max(i.queue_id) FROM ins i"
+		"          WHERE i.updated_at = (SELECT max(j.updated_at) FROM ins j))"
+		"   FROM ins",
 		account_column, type_expr, foreign_table);
 }
 
@@ -264,7 +266,8 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         transaction_type = excluded.transaction_type, tier_1 = excluded.tier_1,"
 		"         tier_2 = excluded.tier_2, tier_3 = excluded.tier_3, status = excluded.status,"
 		"         created_at = excluded.created_at, updated_at = excluded.updated_at,"
-		"         reason = excluded.reason, last_seen = now(), attempts = d.attempts + 1"
+		"         reason = excluded.reason, last_seen = now(),"
+		"         attempts = d.attempts + (d.last_seen < now())::int"
 		"  RETURNING d.attempts = 1 AS fresh"
 		"),"
 		" undl AS ("

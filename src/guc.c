@@ -10,6 +10,7 @@
  */
 #include "postgres.h"
 
+#include "miscadmin.h"
 #include "utils/guc.h"
 
 #include "cm.h"
@@ -35,12 +36,20 @@ char	   *cm_portfolio_schema = NULL;
 void
 cm_define_gucs(void)
 {
+	/*
+	 * A PGC_POSTMASTER parameter can only be defined while the postmaster
+	 * loads the library; loaded later by a session, the worker's settings
+	 * are shown but mean nothing until the next start.
+	 */
+	GucContext	start_context = process_shared_preload_libraries_in_progress ?
+		PGC_POSTMASTER : PGC_SIGHUP;
+
 	DefineCustomStringVariable("consistency_manager.database",
 							   "Database the background worker connects to.",
 							   "The extension must be created in this database.",
 							   &cm_database,
 							   "postgres",
-							   PGC_POSTMASTER,
+							   start_context,
 							   0,
 							   NULL, NULL, NULL);
 
@@ -49,7 +58,7 @@ cm_define_gucs(void)
 							   "Empty means the bootstrap superuser.",
 							   &cm_role,
 							   "",
-							   PGC_POSTMASTER,
+							   start_context,
 							   0,
 							   NULL, NULL, NULL);
 
