@@ -169,6 +169,7 @@ SELECT sources, rows_read, created, updated, completed_applied, compensated, dea
 
 DROP EXTENSION consistency_manager;
 DROP SERVER queue_server CASCADE;
+DROP EXTENSION postgres_fdw;
 DROP TABLE portfolio_transactions, user_portfolios;
 \c postgres
 DROP DATABASE cm_regress_queue;

@@ -71,6 +71,6 @@ SELECT p.proname, has_function_privilege('public', p.oid, 'EXECUTE') AS public_c
  WHERE d.deptype = 'e' AND has_function_privilege('public', p.oid, 'EXECUTE')
  ORDER BY 1;
 
-DROP EXTENSION consistency_manager;
+DROP EXTENSION consistency_manager, postgres_fdw;
 SELECT count(*) AS left_behind FROM pg_namespace WHERE nspname IN ('cm', 'cm_remote');
 DROP TABLE portfolio_transactions, user_portfolios;
