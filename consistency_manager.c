@@ -381,7 +381,7 @@ cm_worker_main(Datum main_arg)
 									 (int64) cm_polling_interval << Min(failures, 20));
 			}
 			cm_set_worker_state(failures > 0 ? "backing off after a failure" : "idle");
-			pgstat_report_activity(STATE_IDLE, NULL);
+			pgstat_report_activity(STATE_IDLE, "consistency_manager: waiting for the next cycle");
 		}
 
 		MemoryContextSwitchTo(TopMemoryContext);
