@@ -185,7 +185,7 @@ COMMENT ON AGGREGATE cm.product(numeric) IS 'product of tier factors (numeric, 4
 CREATE FUNCTION cm.try_uuid(text) RETURNS uuid
     AS 'MODULE_PATHNAME', 'cm_try_uuid'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION cm.try_uuid(text) IS 'the uuid written in canonical 8-4-4-4-12 form, or NULL when the text is not one';
+COMMENT ON FUNCTION cm.try_uuid(text) IS 'the uuid written in canonical 8-4-4-4-12 lower-case form, or NULL when the text is not one';
 
 CREATE FUNCTION cm.typmod_scale(integer) RETURNS integer
     AS 'MODULE_PATHNAME', 'cm_typmod_scale'

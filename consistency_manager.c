@@ -182,8 +182,13 @@ after_failure(const char *message, TimestampTz started)
 		PushActiveSnapshot(GetTransactionSnapshot());
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
-		SPI_execute("SELECT public.postgres_fdw_disconnect_all() "
-					"WHERE to_regproc('public.postgres_fdw_disconnect_all') IS NOT NULL",
+		SPI_execute("DO $$DECLARE s name; BEGIN"
+					" SELECT n.nspname INTO s FROM pg_catalog.pg_extension e"
+					"   JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"
+					"  WHERE e.extname = 'postgres_fdw';"
+					" IF s IS NOT NULL THEN"
+					"   EXECUTE pg_catalog.format('SELECT %I.postgres_fdw_disconnect_all()', s);"
+					" END IF; END$$",
 					false, 0);
 		{
 			Oid			types[3] = {TIMESTAMPTZOID, FLOAT8OID, TEXTOID};

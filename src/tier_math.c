@@ -112,11 +112,11 @@ cm_factor_mul(PG_FUNCTION_ARGS)
  * cm_try_uuid(text) returns uuid
  *		The uuid a queue row's text stands for, or NULL when it is malformed.
  *
- * Only the canonical 8-4-4-4-12 form of hexadecimal digits is accepted (in
- * either case): that is the form the queue services write, and refusing the
- * other spellings uuid_in tolerates keeps "one text, one uuid" true, so the
- * queue's unique constraint on the text stays a unique constraint on the
- * uuid.  Returning NULL instead of raising lets the cycle send the row to the
+ * Only the canonical form is accepted: 8-4-4-4-12 lower-case hexadecimal
+ * digits, as the queue services (and uuid_out) write it.  Refusing the other
+ * spellings uuid_in tolerates (upper case, braces, no hyphens) keeps "one
+ * text, one uuid" true, so the queue's unique constraint on the text stays a
+ * unique constraint on the uuid: two rows can never claim one transaction.  Returning NULL instead of raising lets the cycle send the row to the
  * dead-letter table and go on with the batch.
  */
 Datum
@@ -139,8 +139,7 @@ cm_try_uuid(PG_FUNCTION_ARGS)
 			if (c != '-')
 				PG_RETURN_NULL();
 		}
-		else if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
-				   (c >= 'A' && c <= 'F')))
+		else if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
 			PG_RETURN_NULL();
 		buf[i] = c;
 	}

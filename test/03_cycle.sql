@@ -63,13 +63,13 @@ SELECT is((SELECT count(*)::int FROM cm.source WHERE watermark IS NOT NULL), 0,
     'an empty read leaves the watermarks unset');
 
 -- 1. new requests: PENDING ------------------------------------------------------
--- I1's uuid is written in upper case; its amounts have 8 decimals, so the
+-- I1's amounts have 8 decimals, so the
 -- tiers are rounded to the 2 of portfolio_transactions and the total is the
 -- sum of the rounded tiers: 100.01 + 200.00 + 300.13 = 600.14 (the raw sum
 -- 600.134 would round to 600.13).
 INSERT INTO cm_remote.queue_server_investment_queue
         (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
-VALUES (1, 'A1', 100.005, 200.004, 300.125, 'A1B2C3D4-0000-4000-8000-000000000001', 'PENDING',
+VALUES (1, 'A1', 100.005, 200.004, 300.125, 'a1b2c3d4-0000-4000-8000-000000000001', 'PENDING',
         '2024-05-01 10:00:00+00', now());
 INSERT INTO cm_remote.queue_server_withdrawal_queue
         (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)

