@@ -9,22 +9,7 @@ SET LOCAL client_min_messages = warning;
 
 SELECT plan(21);
 
-CREATE FUNCTION pg_temp.sync() RETURNS text LANGUAGE sql AS $$
-    SELECT format('sources=%s rows_read=%s created=%s updated=%s completed_applied=%s compensated=%s dead_lettered=%s',
-                  sources, rows_read, created, updated, completed_applied, compensated, dead_lettered)
-      FROM cm_sync_now()
-$$;
-CREATE FUNCTION pg_temp.account(a text) RETURNS text LANGUAGE sql AS $$
-    SELECT format('allocation %s+%s+%s=%s value %s+%s+%s=%s',
-                  tier1_allocation, tier2_allocation, tier3_allocation, total_allocation,
-                  tier1_value, tier2_value, tier3_value, total_value)
-      FROM user_portfolios WHERE accountid = a
-$$;
-CREATE FUNCTION pg_temp.tx(u text) RETURNS text LANGUAGE sql AS $$
-    SELECT format('%s %s %s %s %s=%s %s', accountid, transaction_type,
-                  tier1_change, tier2_change, tier3_change, total_amount, status)
-      FROM portfolio_transactions WHERE id = u::uuid
-$$;
+\ir lib/helpers.sql
 
 SELECT cm_set_tier_values(1, 1000000, 1050000);
 SELECT cm_set_tier_values(3, 500000, 450000);

@@ -1,0 +1,35 @@
+-- test/lib/helpers.sql -- included (\ir) by the pgTAP files after BEGIN.
+--
+-- Functions that turn a result into one line of text, so that a failing
+-- assertion shows what differed; they live in pg_temp and go with the
+-- transaction.
+
+-- what one cm_sync_now() did
+CREATE FUNCTION pg_temp.sync() RETURNS text LANGUAGE sql AS $$
+    SELECT format('sources=%s rows_read=%s created=%s updated=%s completed_applied=%s compensated=%s dead_lettered=%s',
+                  sources, rows_read, created, updated, completed_applied, compensated, dead_lettered)
+      FROM cm_sync_now()
+$$;
+
+-- an account's tiers and totals
+CREATE FUNCTION pg_temp.account(a text) RETURNS text LANGUAGE sql AS $$
+    SELECT format('allocation %s+%s+%s=%s value %s+%s+%s=%s',
+                  tier1_allocation, tier2_allocation, tier3_allocation, total_allocation,
+                  tier1_value, tier2_value, tier3_value, total_value)
+      FROM user_portfolios WHERE accountid = a
+$$;
+
+-- a portfolio_transactions row
+CREATE FUNCTION pg_temp.tx(u text) RETURNS text LANGUAGE sql AS $$
+    SELECT format('%s %s %s %s %s=%s %s', accountid, transaction_type,
+                  tier1_change, tier2_change, tier3_change, total_amount, status)
+      FROM portfolio_transactions WHERE id = u::uuid
+$$;
+
+-- a ledger row
+CREATE FUNCTION pg_temp.ledger(u text) RETURNS text LANGUAGE sql AS $$
+    SELECT format('%s %s applied=%s factors=%s,%s,%s', kind, status, applied::text,
+                  coalesce(factor1::text, 'NULL'), coalesce(factor2::text, 'NULL'),
+                  coalesce(factor3::text, 'NULL'))
+      FROM cm.ledger WHERE uuid = u::uuid
+$$;
