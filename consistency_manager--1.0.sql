@@ -140,6 +140,15 @@ CREATE UNLOGGED TABLE cm.batch (
 );
 COMMENT ON TABLE cm.batch IS 'scratch table of the running sync cycle; always empty outside a cycle';
 
+/* New tier values and allocations of the accounts the running cycle touches,
+ * computed with the batch and written to user_portfolios right after it. */
+CREATE UNLOGGED TABLE cm.batch_account (
+    accountid text NOT NULL,
+    v1 numeric, v2 numeric, v3 numeric,
+    a1 numeric, a2 numeric, a3 numeric
+);
+COMMENT ON TABLE cm.batch_account IS 'scratch table of the running sync cycle: new account values; always empty outside a cycle';
+
 CREATE TABLE cm.cycle_history (
     cycle_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     started_at        timestamptz NOT NULL,

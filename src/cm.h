@@ -63,6 +63,7 @@ extern char *cm_sql_stage_page(const char *foreign_table, const char *account_co
 							   const char *type_expr);
 extern char *cm_sql_process(const char *portfolios, const char *transactions,
 							Oid portfolios_oid, Oid transactions_oid);
+extern char *cm_sql_apply_accounts(const char *portfolios);
 extern const char *cm_sql_stage_dead_letters;
 extern const char *cm_sql_sources;
 extern const char *cm_sql_deltas;

@@ -67,6 +67,7 @@ static int	n_stage_plans = 0;
 static int	max_stage_plans = 0;
 
 static SPIPlanPtr process_plan = NULL;
+static SPIPlanPtr accounts_plan = NULL;
 static Oid	process_plan_targets[2] = {InvalidOid, InvalidOid};
 static SPIPlanPtr sources_plan = NULL;
 static SPIPlanPtr deltas_plan = NULL;
@@ -138,37 +139,43 @@ prepare_fixed_plans(void)
  *		The processing statement for the current target tables.
  *
  * The tables are found through consistency_manager.portfolio_schema, so
- * the plan is rebuilt when that setting points elsewhere.  It is planned
+ * the plan is rebuilt when that setting points elsewhere.  *accounts is set
+ * to the statement that writes the new account values afterwards.  It is planned
  * afresh at each execution (CURSOR_OPT_CUSTOM_PLAN): the batch it reads
  * holds a handful of rows in a steady cycle and millions in a catch-up,
  * and each deserves its own join strategy.
  */
 static SPIPlanPtr
-get_process_plan(void)
+get_process_plan(SPIPlanPtr *accounts)
 {
 	Oid			portfolios = cm_target_relid("user_portfolios", false);
 	Oid			transactions = cm_target_relid("portfolio_transactions", false);
 	Oid			argtypes[2] = {INT4OID, NUMERICARRAYOID};
-	char	   *sql;
+	char	   *portfolios_name;
+	char	   *transactions_name;
 
-	if (process_plan != NULL &&
-		process_plan_targets[0] == portfolios &&
-		process_plan_targets[1] == transactions)
-		return process_plan;
-
-	if (process_plan != NULL)
+	if (process_plan == NULL ||
+		process_plan_targets[0] != portfolios ||
+		process_plan_targets[1] != transactions)
 	{
-		SPI_freeplan(process_plan);
-		process_plan = NULL;
+		if (process_plan != NULL)
+			SPI_freeplan(process_plan);
+		if (accounts_plan != NULL)
+			SPI_freeplan(accounts_plan);
+		process_plan = accounts_plan = NULL;
+
+		portfolios_name = quote_qualified_identifier(get_namespace_name(get_rel_namespace(portfolios)),
+													 get_rel_name(portfolios));
+		transactions_name = quote_qualified_identifier(get_namespace_name(get_rel_namespace(transactions)),
+													   get_rel_name(transactions));
+		process_plan = prepare_kept(cm_sql_process(portfolios_name, transactions_name,
+												   portfolios, transactions),
+									2, argtypes, CURSOR_OPT_CUSTOM_PLAN);
+		accounts_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name), 0, NULL, 0);
+		process_plan_targets[0] = portfolios;
+		process_plan_targets[1] = transactions;
 	}
-	sql = cm_sql_process(quote_qualified_identifier(get_namespace_name(get_rel_namespace(portfolios)),
-													get_rel_name(portfolios)),
-						 quote_qualified_identifier(get_namespace_name(get_rel_namespace(transactions)),
-													get_rel_name(transactions)),
-						 portfolios, transactions);
-	process_plan = prepare_kept(sql, 2, argtypes, CURSOR_OPT_CUSTOM_PLAN);
-	process_plan_targets[0] = portfolios;
-	process_plan_targets[1] = transactions;
+	*accounts = accounts_plan;
 	return process_plan;
 }
 
@@ -317,11 +324,12 @@ process_batch(int32 source_id, Datum deltas, bool count_reads, CmCycleResult *re
 	TupleDesc	desc;
 	bool		isnull;
 	TimestampTz newest = 0;
+	SPIPlanPtr	accounts;
 
 	values[0] = Int32GetDatum(source_id);
 	values[1] = deltas;
 	cm_report_phase("consistency_manager: applying changes");
-	run_plan(get_process_plan(), values, NULL, SPI_OK_SELECT);
+	run_plan(get_process_plan(&accounts), values, NULL, SPI_OK_SELECT);
 
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -337,6 +345,7 @@ process_batch(int32 source_id, Datum deltas, bool count_reads, CmCycleResult *re
 		newest = 0;
 	SPI_freetuptable(SPI_tuptable);
 
+	run_plan(accounts, NULL, NULL, SPI_OK_UPDATE);
 	run_plan(clear_plan, NULL, NULL, SPI_OK_UTILITY);
 	return newest;
 }

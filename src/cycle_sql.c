@@ -88,7 +88,8 @@ const char *cm_sql_stage_dead_letters =
  *	n	  per account, the new rounded tier values, and why they would not
  *		  fit their columns;
  *	f	  the rows with their final verdict (why is NULL: apply it);
- *	dl, undl, tx, pu, li, lu   the writes.
+ *	dl, undl, tx, li, lu   the writes; pa keeps the new account values in
+ *		  cm.batch_account for cm_sql_apply_accounts.
  *
  * A row that was already applied (same) or is older than what was applied
  * (stale) is a no-op, which is what makes a re-read harmless.
@@ -295,14 +296,9 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         status = excluded.status, updated_at = excluded.updated_at"
 		"  RETURNING 1"
 		"),"
-		" pu AS ("
-		"  UPDATE %1$s p"
-		"     SET tier1_value = n.v1, tier2_value = n.v2, tier3_value = n.v3,"
-		"         total_value = n.v1 + n.v2 + n.v3,"
-		"         tier1_allocation = n.a1, tier2_allocation = n.a2, tier3_allocation = n.a3,"
-		"         total_allocation = n.a1 + n.a2 + n.a3"
-		"    FROM n"
-		"   WHERE p.accountid = n.accountid AND n.overflow IS NULL"
+		" pa AS ("
+		"  INSERT INTO cm.batch_account (accountid, v1, v2, v3, a1, a2, a3)"
+		"  SELECT n.accountid, n.v1, n.v2, n.v3, n.a1, n.a2, n.a3 FROM n WHERE n.overflow IS NULL"
 		"  RETURNING 1"
 		"),"
 		" li AS ("
@@ -335,10 +331,34 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"        count(*) FILTER (WHERE f.why IS NOT NULL AND f.fresh) AS dead_lettered,"
 		"        max(f.updated_at) AS max_updated_at,"
 		"        (SELECT count(*) FROM dl) + (SELECT count(*) FROM undl) + (SELECT count(*) FROM tx)"
-		"          + (SELECT count(*) FROM pu)"
+		"          + (SELECT count(*) FROM pa)"
 		"          + (SELECT count(*) FROM li) + (SELECT count(*) FROM lu) AS writes"
 		"   FROM f",
 		portfolios, transactions, portfolios_oid, transactions_oid);
+}
+
+/*
+ * Write the new tier values and allocations the processing statement left in
+ * cm.batch_account.  %1$s user_portfolios.
+ *
+ * A statement of its own, run after the processing statement: the foreign
+ * key checks of the portfolio_transactions rows inserted there lock their
+ * accounts FOR KEY SHARE at the end of that statement, and locking rows the
+ * same statement had already updated costs a MultiXact per check (20 times
+ * slower than the whole insert on a 100k-row catch-up).
+ */
+char *
+cm_sql_apply_accounts(const char *portfolios)
+{
+	return psprintf(
+		"UPDATE %1$s p"
+		"   SET tier1_value = n.v1, tier2_value = n.v2, tier3_value = n.v3,"
+		"       total_value = n.v1 + n.v2 + n.v3,"
+		"       tier1_allocation = n.a1, tier2_allocation = n.a2, tier3_allocation = n.a3,"
+		"       total_allocation = n.a1 + n.a2 + n.a3"
+		"  FROM cm.batch_account n"
+		" WHERE p.accountid = n.accountid",
+		portfolios);
 }
 
 /* The enabled sources, in the order their cycle runs. */
@@ -358,7 +378,7 @@ const char *cm_sql_finish_source =
 	" WHERE source_id = $1";
 
 /* Empty the scratch table (its rows were only ever seen by this cycle). */
-const char *cm_sql_clear_batch = "TRUNCATE cm.batch";
+const char *cm_sql_clear_batch = "TRUNCATE cm.batch, cm.batch_account";
 
 /* Record a cycle that did something, and prune what is past retention. */
 const char *cm_sql_history =
