@@ -184,6 +184,11 @@ CREATE FUNCTION cm.factor_mul(numeric, numeric) RETURNS numeric
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION cm.factor_mul(numeric, numeric) IS 'product of two tier factors, kept to 40 decimal places (transition function of cm.product)';
 
+CREATE FUNCTION cm.factor_pow(numeric, bigint) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'cm_factor_pow'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION cm.factor_pow(numeric, bigint) IS 'a tier factor to the k-th power, kept to 40 decimal places (k completions of one account in one cycle)';
+
 CREATE AGGREGATE cm.product(numeric) (
     SFUNC = cm.factor_mul,
     STYPE = numeric,

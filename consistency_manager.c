@@ -291,7 +291,7 @@ cm_worker_main(Datum main_arg)
 
 	for (;;)
 	{
-		long		timeout = cm_polling_interval;
+		long		timeout;
 		bool		exists;
 
 		CHECK_FOR_INTERRUPTS();
@@ -300,6 +300,8 @@ cm_worker_main(Datum main_arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 		}
+		/* read after the reload: a new interval applies to this very wait */
+		timeout = cm_polling_interval;
 		if (cm_shared->stop_requested)
 		{
 			ereport(LOG, (errmsg("consistency_manager worker stopped by cm_worker_stop()")));
