@@ -317,7 +317,7 @@ read_sources(int *count)
  * Returns the newest updated_at among the staged rows (0 when none).
  */
 static TimestampTz
-process_batch(int32 source_id, Datum deltas, bool count_reads, CmCycleResult *result)
+process_batch(int32 source_id, Datum deltas, CmCycleResult *result)
 {
 	Datum		values[2];
 	HeapTuple	tup;
@@ -333,8 +333,6 @@ process_batch(int32 source_id, Datum deltas, bool count_reads, CmCycleResult *re
 
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
-	if (count_reads)
-		result->rows_read += DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 	result->created += DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
 	result->updated += DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
 	result->completed_applied += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
@@ -380,7 +378,7 @@ sync_source(const Source *src, Datum deltas, CmCycleResult *result)
 	cm_report_phase("consistency_manager: retrying dead letters");
 	run_plan(stage_dl_plan, values, NULL, SPI_OK_INSERT);
 	if (SPI_processed > 0)
-		(void) process_batch(src->source_id, deltas, false, result);
+		(void) process_batch(src->source_id, deltas, result);
 
 	/* Then the keyset pages of changed rows. */
 	if (!src->has_watermark || TIMESTAMP_NOT_FINITE(src->watermark))
@@ -391,10 +389,16 @@ sync_source(const Source *src, Datum deltas, CmCycleResult *result)
 	/*
 	 * With few rows estimated, the planner may prefer to sort a page
 	 * locally, which would fetch every changed row for each page.  Without
-	 * local sorting the order and the limit go to queue-db.
+	 * local sorting the order and the limit go to queue-db; without hash and
+	 * merge joins the ledger is probed per row of the page by its index
+	 * (cm_sql_stage_page).
 	 */
 	save_nestlevel = NewGUCNestLevel();
 	(void) set_config_option("enable_sort", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("enable_hashjoin", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 
 	stage = get_stage_plan(src);
@@ -419,8 +423,9 @@ sync_source(const Source *src, Datum deltas, CmCycleResult *result)
 			from = DatumGetTimestampTz(SPI_getbinval(tup, desc, 2, &isnull));
 			last_id = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
 		}
+		staged += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
 		SPI_freetuptable(SPI_tuptable);
-		staged += n;
+		result->rows_read += n;
 		if (n < cm_batch_size)
 			break;
 	}
@@ -428,7 +433,7 @@ sync_source(const Source *src, Datum deltas, CmCycleResult *result)
 
 	if (staged > 0)
 	{
-		TimestampTz newest = process_batch(src->source_id, deltas, true, result);
+		TimestampTz newest = process_batch(src->source_id, deltas, result);
 		Datum		fvalues[2];
 
 		fvalues[0] = Int32GetDatum(src->source_id);

@@ -38,8 +38,10 @@
  *
  * The redundant "updated_at >= $2" gives queue-db an index range to start
  * from (an index on (updated_at, queue_id) makes a page cost its size);
- * the OR is the keyset condition proper.  Returns the number of rows staged
- * and the key of the last one.  cycle.c plans it with enable_sort off, so
+ * the OR is the keyset condition proper.  A row the ledger already holds in
+ * this version (a re-read of the look-back window) is not staged: an idle
+ * cycle stages nothing and skips the processing statement.  Returns the
+ * number of rows read, the key of the last one, and the number staged.  cycle.c plans it with enable_sort off, so
  * that the order (and with it the limit) always goes to queue-db: a local
  * sort would fetch every changed row for every page.
  */
@@ -48,20 +50,28 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 				  const char *type_expr)
 {
 	return psprintf(
-		"WITH ins AS ("
-		"  INSERT INTO cm.batch (source_id, queue_id, uuid, accountid, transaction_type,"
-		"                        tier_1, tier_2, tier_3, status, created_at, updated_at)"
-		"  SELECT $1, q.queue_id, q.uuid, q.%s, %s,"
+		"WITH page AS MATERIALIZED ("
+		"  SELECT q.queue_id, q.uuid, q.%s AS accountid, %s AS transaction_type,"
 		"         q.tier_1, q.tier_2, q.tier_3, q.status, q.created_at, q.updated_at"
 		"    FROM %s q"
 		"   WHERE q.updated_at >= $2 AND (q.updated_at > $2 OR q.queue_id > $3)"
 		"   ORDER BY q.updated_at, q.queue_id"
-		"   LIMIT $4"
-		"  RETURNING updated_at, queue_id)"
-		" SELECT count(*), max(ins.updated_at),"
-		"        (SELECT max(i.queue_id) FROM ins i"
-		"          WHERE i.updated_at = (SELECT max(j.updated_at) FROM ins j))"
-		"   FROM ins",
+		"   LIMIT $4),"
+		" ins AS ("
+		"  INSERT INTO cm.batch (source_id, queue_id, uuid, accountid, transaction_type,"
+		"                        tier_1, tier_2, tier_3, status, created_at, updated_at)"
+		"  SELECT $1, p.queue_id, p.uuid, p.accountid, p.transaction_type,"
+		"         p.tier_1, p.tier_2, p.tier_3, p.status, p.created_at, p.updated_at"
+		"    FROM page p"
+		"   WHERE NOT EXISTS (SELECT 1 FROM cm.ledger l"
+		"                      WHERE l.uuid = cm.try_uuid(p.uuid) AND l.source_id = $1"
+		"                        AND l.updated_at = p.updated_at AND l.status = p.status)"
+		"  RETURNING 1)"
+		" SELECT count(*), max(page.updated_at),"
+		"        (SELECT max(i.queue_id) FROM page i"
+		"          WHERE i.updated_at = (SELECT max(j.updated_at) FROM page j)),"
+		"        (SELECT count(*) FROM ins)"
+		"   FROM page",
 		account_column, type_expr, foreign_table);
 }
 
