@@ -21,10 +21,7 @@ PORT=$(cm_free_port)
 trap '[ -n "${DEMO_LOG:-}" ] && cat "$WORK/server.log"; cm_stop_cluster "$WORK"; rm -rf "$WORK"' EXIT
 
 echo "== starting a throw-away cluster on 127.0.0.1:$PORT"
-cm_start_cluster "$WORK" "$PORT" \
-    "shared_preload_libraries = 'consistency_manager'" \
-    "consistency_manager.database = 'portfolio'" \
-    "consistency_manager.polling_interval = '2s'"
+cm_start_cluster "$WORK" "$PORT"
 
 q()  { as_pg psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d queue "$@"; }
 pf() { as_pg psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d portfolio "$@"; }
@@ -34,6 +31,14 @@ as_pg psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres \
     -c "CREATE DATABASE queue" -c "CREATE DATABASE portfolio"
 q -f "$WORK/fixtures/queue_db.sql"
 pf -f "$WORK/fixtures/portfolio_db.sql"
+
+echo "== postgresql.conf: preload consistency_manager for the portfolio database, restart"
+{
+    echo "shared_preload_libraries = 'consistency_manager'"
+    echo "consistency_manager.database = 'portfolio'"
+    echo "consistency_manager.polling_interval = '2s'"
+} | as_pg tee -a "$WORK/data/postgresql.conf"
+as_pg pg_ctl -D "$WORK/data" -l "$WORK/server.log" -w restart >/dev/null
 
 echo "== user-portfolio-db: CREATE EXTENSION, a foreign server for queue-db, cm_attach_queue()"
 pf <<SQL
