@@ -169,27 +169,39 @@ cm_try_uuid(PG_FUNCTION_ARGS)
 {
 	text	   *t = PG_GETARG_TEXT_PP(0);
 	const char *s = VARDATA_ANY(t);
-	int			len = VARSIZE_ANY_EXHDR(t);
-	char		buf[37];
+	pg_uuid_t  *uuid;
 	int			i;
+	int			nibbles = 0;
 
-	if (len != 36)
+	if (VARSIZE_ANY_EXHDR(t) != 36)
 		PG_RETURN_NULL();
+
+	/* parsed here rather than by uuid_in: this runs for every row read */
+	uuid = (pg_uuid_t *) palloc(sizeof(pg_uuid_t));
 	for (i = 0; i < 36; i++)
 	{
 		char		c = s[i];
+		int			v;
 
 		if (i == 8 || i == 13 || i == 18 || i == 23)
 		{
 			if (c != '-')
 				PG_RETURN_NULL();
+			continue;
 		}
-		else if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+		if (c >= '0' && c <= '9')
+			v = c - '0';
+		else if (c >= 'a' && c <= 'f')
+			v = c - 'a' + 10;
+		else
 			PG_RETURN_NULL();
-		buf[i] = c;
+		if (nibbles % 2 == 0)
+			uuid->data[nibbles / 2] = (unsigned char) (v << 4);
+		else
+			uuid->data[nibbles / 2] |= (unsigned char) v;
+		nibbles++;
 	}
-	buf[36] = '\0';
-	PG_RETURN_DATUM(DirectFunctionCall1(uuid_in, CStringGetDatum(buf)));
+	PG_RETURN_UUID_P(uuid);
 }
 
 /*
