@@ -221,21 +221,10 @@ CREATE FUNCTION cm.column_scale(regclass, name) RETURNS integer
     $$;
 COMMENT ON FUNCTION cm.column_scale(regclass, name) IS 'scale of a numeric column of a table; NULL when unconstrained';
 
-CREATE FUNCTION cm.column_limit(regclass, name) RETURNS numeric
-    LANGUAGE sql STABLE STRICT
-    SET search_path = pg_catalog, pg_temp
-    AS $$
-        SELECT CASE
-                 WHEN a.atttypmod < 4 THEN NULL
-                 WHEN a.atttypid = 'numeric'::regtype
-                   THEN power(10::numeric, ((a.atttypmod - 4) >> 16) - cm.typmod_scale(a.atttypmod))
-                 WHEN a.atttypid IN ('varchar'::regtype, 'bpchar'::regtype)
-                   THEN a.atttypmod - 4
-               END
-          FROM pg_catalog.pg_attribute a
-         WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped
-    $$;
-COMMENT ON FUNCTION cm.column_limit(regclass, name) IS 'for numeric(p,s): 10^(p-s), the first magnitude that does not fit; for varchar(n): n; NULL when unconstrained';
+CREATE FUNCTION cm.typmod_limit(integer) RETURNS numeric
+    AS 'MODULE_PATHNAME', 'cm_typmod_limit'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION cm.typmod_limit(integer) IS 'for a numeric(p,s) atttypmod, 10^(p-s): the first magnitude that does not fit; NULL when unconstrained';
 
 CREATE FUNCTION cm.round_to(numeric, integer) RETURNS numeric
     LANGUAGE sql IMMUTABLE PARALLEL SAFE

@@ -251,6 +251,23 @@ run_one_cycle(MemoryContext cxt, char **message, int *sqlerrcode, CmCycleResult 
 }
 
 /*
+ * take_wake_request
+ *		Whether cm_wake() asked for a cycle since the last call; clears the
+ *		request.
+ */
+static bool
+take_wake_request(void)
+{
+	bool		requested;
+
+	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
+	requested = cm_shared->wake_requested;
+	cm_shared->wake_requested = false;
+	LWLockRelease(cm_shared->lock);
+	return requested;
+}
+
+/*
  * cm_worker_main
  *		Entry point of the background worker.
  */
@@ -392,9 +409,12 @@ cm_worker_main(Datum main_arg)
 		}
 
 		MemoryContextSwitchTo(TopMemoryContext);
+		if (take_wake_request() && failures == 0)
+			continue;			/* cm_wake() came during the cycle: run again */
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 timeout, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
+		(void) take_wake_request();
 	}
 }
 
@@ -409,9 +429,14 @@ cm_wake(PG_FUNCTION_ARGS)
 
 	if (cm_shared == NULL)
 		PG_RETURN_BOOL(false);
-	LWLockAcquire(cm_shared->lock, LW_SHARED);
+	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
 	if (cm_shared->worker_latch != NULL)
 	{
+		/*
+		 * The flag survives what the latch may not: while the worker waits
+		 * for queue-db inside a cycle, postgres_fdw resets the latch.
+		 */
+		cm_shared->wake_requested = true;
 		SetLatch(cm_shared->worker_latch);
 		woken = true;
 	}

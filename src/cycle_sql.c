@@ -92,7 +92,7 @@ const char *cm_sql_stage_dead_letters =
  *
  * CTEs, in order:
  *	cols  the scale and limit of every target column, read from the catalog
- *		  each time so that a widened column takes effect at once;
+ *		  (one scan) each time so that a widened column takes effect at once;
  *	c	  each staged row with its status mapping, portfolio, ledger entry,
  *		  change class (new/changed/same/stale), effect on the account
  *		  (apply/compensate) and, for rows that would act, why it cannot; a
@@ -113,28 +113,32 @@ cm_sql_process(const char *portfolios, const char *transactions,
 {
 	return psprintf(
 		"WITH cols AS MATERIALIZED ("
-		"  SELECT cm.column_scale(%4$u::oid::regclass, 'tier1_change') AS ts1,"
-		"         cm.column_scale(%4$u::oid::regclass, 'tier2_change') AS ts2,"
-		"         cm.column_scale(%4$u::oid::regclass, 'tier3_change') AS ts3,"
-		"         cm.column_limit(%4$u::oid::regclass, 'tier1_change') AS tl1,"
-		"         cm.column_limit(%4$u::oid::regclass, 'tier2_change') AS tl2,"
-		"         cm.column_limit(%4$u::oid::regclass, 'tier3_change') AS tl3,"
-		"         cm.column_limit(%4$u::oid::regclass, 'total_amount') AS tl4,"
-		"         cm.column_scale(%3$u::oid::regclass, 'tier1_value') AS vs1,"
-		"         cm.column_scale(%3$u::oid::regclass, 'tier2_value') AS vs2,"
-		"         cm.column_scale(%3$u::oid::regclass, 'tier3_value') AS vs3,"
-		"         cm.column_scale(%3$u::oid::regclass, 'tier1_allocation') AS as1,"
-		"         cm.column_scale(%3$u::oid::regclass, 'tier2_allocation') AS as2,"
-		"         cm.column_scale(%3$u::oid::regclass, 'tier3_allocation') AS as3,"
-		"         cm.column_limit(%3$u::oid::regclass, 'tier1_value') AS vl1,"
-		"         cm.column_limit(%3$u::oid::regclass, 'tier2_value') AS vl2,"
-		"         cm.column_limit(%3$u::oid::regclass, 'tier3_value') AS vl3,"
-		"         cm.column_limit(%3$u::oid::regclass, 'total_value') AS vl4,"
-		"         cm.column_limit(%3$u::oid::regclass, 'tier1_allocation') AS al1,"
-		"         cm.column_limit(%3$u::oid::regclass, 'tier2_allocation') AS al2,"
-		"         cm.column_limit(%3$u::oid::regclass, 'tier3_allocation') AS al3,"
-		"         cm.column_limit(%3$u::oid::regclass, 'total_allocation') AS al4,"
-		"         cm.column_limit(%3$u::oid::regclass, 'accountid') AS alen"
+		"  SELECT"
+		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %4$u AND a.attname = 'tier1_change') AS ts1,"
+		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %4$u AND a.attname = 'tier2_change') AS ts2,"
+		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %4$u AND a.attname = 'tier3_change') AS ts3,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %4$u AND a.attname = 'tier1_change') AS tl1,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %4$u AND a.attname = 'tier2_change') AS tl2,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %4$u AND a.attname = 'tier3_change') AS tl3,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %4$u AND a.attname = 'total_amount') AS tl4,"
+		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier1_value') AS vs1,"
+		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier2_value') AS vs2,"
+		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier3_value') AS vs3,"
+		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier1_allocation') AS as1,"
+		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier2_allocation') AS as2,"
+		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier3_allocation') AS as3,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier1_value') AS vl1,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier2_value') AS vl2,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier3_value') AS vl3,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'total_value') AS vl4,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier1_allocation') AS al1,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier2_allocation') AS al2,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier3_allocation') AS al3,"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'total_allocation') AS al4,"
+		"         max(a.atttypmod - 4) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'accountid'"
+		"                                     AND a.atttypmod >= 4) AS alen"
+		"    FROM pg_catalog.pg_attribute a"
+		"   WHERE a.attrelid IN (%3$u, %4$u) AND a.attnum > 0 AND NOT a.attisdropped"
 		"),"
 		" x AS ("
 		"  SELECT b.queue_id, b.uuid AS uuid_text, cm.try_uuid(b.uuid) AS id, b.accountid,"

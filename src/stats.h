@@ -20,6 +20,7 @@ typedef struct CmSharedState
 	Latch	   *worker_latch;	/* set by cm_wake() */
 	char		worker_state[64];
 	bool		stop_requested;	/* set by cm_worker_stop() */
+	bool		wake_requested;	/* set by cm_wake(), cleared by the worker */
 
 	/* cycles, by the worker and by cm_sync_now() */
 	int64		cycles;

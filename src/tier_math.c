@@ -31,6 +31,7 @@ PG_FUNCTION_INFO_V1(cm_factor_mul);
 PG_FUNCTION_INFO_V1(cm_factor_pow);
 PG_FUNCTION_INFO_V1(cm_try_uuid);
 PG_FUNCTION_INFO_V1(cm_typmod_scale);
+PG_FUNCTION_INFO_V1(cm_typmod_limit);
 
 /*
  * check_tier_amount
@@ -223,4 +224,30 @@ cm_typmod_scale(PG_FUNCTION_ARGS)
 	if (typmod < (int32) VARHDRSZ)
 		PG_RETURN_NULL();
 	PG_RETURN_INT32((((typmod - VARHDRSZ) & 0x7ff) ^ 1024) - 1024);
+}
+
+/*
+ * cm_typmod_limit(typmod integer) returns numeric
+ *		For a numeric(p,s) column, 10^(p-s): the smallest magnitude that,
+ *		rounded to s places, no longer fits.  NULL when unconstrained.
+ *
+ * The cycle compares each amount, once rounded to the column's scale, with
+ * this limit, so that a value that does not fit is a dead letter rather
+ * than an error that stops the batch.
+ */
+Datum
+cm_typmod_limit(PG_FUNCTION_ARGS)
+{
+	int32		typmod = PG_GETARG_INT32(0);
+	int32		precision;
+	int32		scale;
+	char		buf[32];
+
+	if (typmod < (int32) VARHDRSZ)
+		PG_RETURN_NULL();
+	precision = ((typmod - VARHDRSZ) >> 16) & 0xffff;
+	scale = (((typmod - VARHDRSZ) & 0x7ff) ^ 1024) - 1024;
+	snprintf(buf, sizeof(buf), "1e%d", precision - scale);
+	PG_RETURN_DATUM(DirectFunctionCall3(numeric_in, CStringGetDatum(buf),
+										ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
 }

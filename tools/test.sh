@@ -25,6 +25,8 @@ PGXS_DIR=$(dirname "$($PGBIN/pg_config --pgxs)")/../..
 passed=0
 failed=0
 failures=()
+tests_total=0   # individual tests, counted from each runner's summary
+tests_failed=0
 CLUSTER=""
 cleanup() {
     [ -n "$CLUSTER" ] && cm_stop_cluster "$CLUSTER"
@@ -42,12 +44,28 @@ run_regress() {
             --temp-config="$WORK/test/regress.conf" \
             --inputdir="$WORK" --outputdir="$WORK" \
             --host=127.0.0.1 --port="$port" \
-            --bindir="$PGBIN" $tests); then
+            --bindir="$PGBIN" $tests) 2>&1 | tee "$WORK/regress.log"; [ "${PIPESTATUS[0]}" = 0 ]; then
         passed=$((passed + 1))
     else
         failed=$((failed + 1)); failures+=(pg_regress)
         [ -f "$WORK/regression.diffs" ] && cat "$WORK/regression.diffs"
     fi
+    count_tests "$(grep -c '^test ' "$WORK/regress.log" || true)" \
+                "$(grep -c '^test .*FAILED' "$WORK/regress.log" || true)"
+}
+
+# count_tests TOTAL FAILED: add one runner's figures to the summary
+count_tests() {
+    tests_total=$((tests_total + ${1:-0}))
+    tests_failed=$((tests_failed + ${2:-0}))
+}
+
+# the figures of a prove/pg_prove run, from its output
+count_prove() {
+    local total bad
+    total=$( (grep -o 'Tests=[0-9]*' "$1" || true) | tail -1 | cut -d= -f2)
+    bad=$( (grep -o 'Failed [0-9]*/[0-9]* subtests' "$1" || true) | awk -F'[ /]' '{s += $2} END {print s + 0}')
+    count_tests "${total:-0}" "${bad:-0}"
 }
 
 run_pgtap() {
@@ -68,11 +86,13 @@ run_pgtap() {
         -c "CREATE EXTENSION consistency_manager CASCADE" \
         -c "CREATE SERVER queue_server FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1', port '$port', dbname 'queue')" \
         -c "CREATE USER MAPPING FOR postgres SERVER queue_server OPTIONS (user 'postgres')"
-    if (cd "$WORK" && as_pg pg_prove ${PGPROVE_OPTS:-} -h 127.0.0.1 -p "$port" -U postgres -d portfolio test/*.sql); then
+    if (cd "$WORK" && as_pg pg_prove ${PGPROVE_OPTS:-} -h 127.0.0.1 -p "$port" -U postgres -d portfolio test/*.sql) \
+            2>&1 | tee "$WORK/pgtap.out"; [ "${PIPESTATUS[0]}" = 0 ]; then
         passed=$((passed + 1))
     else
         failed=$((failed + 1)); failures+=(pgTAP)
     fi
+    count_prove "$WORK/pgtap.out"
     cm_stop_cluster "$CLUSTER"
     CLUSTER=""
 }
@@ -83,7 +103,7 @@ run_tap() {
     if (cd "$WORK" && as_pg env PERL5LIB="$PGXS_DIR/src/test/perl:$WORK/t" \
             TESTDIR="$WORK/tap" PG_REGRESS="$PGXS_DIR/src/test/regress/pg_regress" \
             CM_FIXTURES="$WORK/test/fixtures" \
-            prove --timer t/*.pl); then
+            prove --timer t/*.pl) 2>&1 | tee "$WORK/tap.out"; [ "${PIPESTATUS[0]}" = 0 ]; then
         passed=$((passed + 1))
     else
         failed=$((failed + 1)); failures+=(TAP)
@@ -91,6 +111,7 @@ run_tap() {
             [ -f "$f" ] && { echo "--- $f (last 60 lines)"; tail -60 "$f"; }
         done
     fi
+    count_prove "$WORK/tap.out"
 }
 
 for s in $suites; do
@@ -104,5 +125,6 @@ done
 
 echo
 [ $failed -gt 0 ] && echo "failed suites: ${failures[*]}"
-echo "suites: $passed passed, $failed failed"
+echo "($passed suites passed, $failed failed)"
+echo "tests: $((tests_total - tests_failed)) passed, $tests_failed failed"
 [ $failed -eq 0 ]
