@@ -440,12 +440,13 @@ BEGIN
             END IF;
         END LOOP;
 
-        -- pages are read in one round trip each
+        -- pages are read in one round trip each; queue-db is only ever read
         SELECT t.ftoptions INTO opts FROM pg_foreign_table t WHERE t.ftrelid = ft;
-        EXECUTE format('ALTER FOREIGN TABLE %s OPTIONS (%s fetch_size %L)', ft,
+        EXECUTE format('ALTER FOREIGN TABLE %s OPTIONS (%s fetch_size %L, %s updatable %L)', ft,
                        CASE WHEN EXISTS (SELECT 1 FROM unnest(opts) o WHERE o LIKE 'fetch_size=%')
-                            THEN 'SET' ELSE 'ADD' END,
-                       '10000');
+                            THEN 'SET' ELSE 'ADD' END, '10000',
+                       CASE WHEN EXISTS (SELECT 1 FROM unnest(opts) o WHERE o LIKE 'updatable=%')
+                            THEN 'SET' ELSE 'ADD' END, 'false');
 
         INSERT INTO cm.source AS s (server_name, remote_schema, remote_table, table_name, layout, account_column)
         VALUES (server, remote_schema, cand.remote_table, local, cand.layout, cand.account_column)

@@ -45,6 +45,7 @@ SELECT is((SELECT count(*)::int FROM cm.source WHERE watermark IS NOT NULL), 0,
 -- tiers are rounded to the 2 of portfolio_transactions and the total is the
 -- sum of the rounded tiers: 100.01 + 200.00 + 300.13 = 600.14 (the raw sum
 -- 600.134 would round to 600.13).
+SELECT pg_temp.queue_writable();
 INSERT INTO cm_remote.queue_server_investment_queue
         (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
 VALUES (1, 'A1', 100.005, 200.004, 300.125, 'a1b2c3d4-0000-4000-8000-000000000001', 'PENDING',

@@ -34,6 +34,7 @@ SELECT results_eq(
     'cm_attach_queue is idempotent');
 SELECT is((SELECT count(*)::int FROM cm.source), 1, 'attaching twice registers one source');
 
+SELECT pg_temp.queue_writable();
 INSERT INTO cm_remote.queue_server_unified_investment_withdrawal_queue
         (queue_id, accountid, transaction_type, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
 VALUES (1, 'U1', 'INVEST',   100, 200, 300.005, 'b0000000-0000-4000-8000-000000000001', 'PENDING',   now(), now()),

@@ -33,6 +33,7 @@ SELECT is((SELECT count(*)::int FROM cm_attach_queue('queue_server')), 2, 'the s
 -- COMPLETED (i = 5, 10, 15, 20).  Total of all rows: 3 * 210 + 20 * 0.25 = 635.00.
 -- P1 after four completions: 1000.00 * 1.05^4 = 1215.50625 -> 1215.51,
 -- 1000.00, 1000.00 * 0.9^4 = 656.10, total 2871.61.
+SELECT pg_temp.queue_writable();
 INSERT INTO cm_remote.queue_server_investment_queue
         (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
 SELECT 21 - i, 'P1', i, 2 * i, 0.25,

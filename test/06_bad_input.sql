@@ -49,6 +49,7 @@ SELECT is((SELECT count(*)::int FROM cm_attach_queue('queue_server')), 2, 'the s
 SELECT is((SELECT count(*)::int FROM cm_attach_queue('queue_server', 'unified')), 1, 'the unified layout is attached');
 
 -- 1. one batch, good and bad rows -------------------------------------------
+SELECT pg_temp.queue_writable();
 INSERT INTO cm_remote.queue_server_investment_queue
         (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
 VALUES ( 1, 'B1', 10, 20, 30, 'e0000000-0000-4000-8000-000000000001', 'PENDING', now(), now()),

@@ -33,3 +33,18 @@ CREATE FUNCTION pg_temp.ledger(u text) RETURNS text LANGUAGE sql AS $$
                   coalesce(factor3::text, 'NULL'))
       FROM cm.ledger WHERE uuid = u::uuid
 $$;
+
+-- cm_attach_queue makes the foreign tables read-only (queue-db is never
+-- written by the extension); the tests write their queue rows through them,
+-- inside their transaction, so they switch that off again
+CREATE FUNCTION pg_temp.queue_writable() RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    t regclass;
+BEGIN
+    FOR t IN SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'cm_remote' AND c.relkind = 'f'
+    LOOP
+        EXECUTE format('ALTER FOREIGN TABLE %s OPTIONS (SET updatable %L)', t, 'true');
+    END LOOP;
+END
+$$;
