@@ -105,7 +105,8 @@ const char *cm_sql_stage_dead_letters =
  *		  cm.batch_account for cm_sql_apply_accounts.
  *
  * A row that was already applied (same) or is older than what was applied
- * (stale) is a no-op, which is what makes a re-read harmless.
+ * (stale) is a no-op, which is what makes a re-read harmless.  The writing
+ * CTEs run to completion whether or not the final SELECT reads them.
  */
 char *
 cm_sql_process(const char *portfolios, const char *transactions,
@@ -288,13 +289,11 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         created_at = excluded.created_at, updated_at = excluded.updated_at,"
 		"         reason = excluded.reason, last_seen = now(),"
 		"         attempts = d.attempts + (d.last_seen < now())::int"
-		"  RETURNING 1"
 		"),"
 		" undl AS ("
 		"  DELETE FROM cm.dead_letter d USING f"
 		"   WHERE d.source_id = $1 AND d.queue_id = f.queue_id AND f.why IS NULL"
 		"     AND EXISTS (SELECT 1 FROM cm.dead_letter e WHERE e.source_id = $1)"
-		"  RETURNING 1"
 		"),"
 		" tx AS ("
 		"  INSERT INTO %2$s AS t (id, accountid, transaction_type, tier1_change, tier2_change,"
@@ -307,12 +306,10 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         tier1_change = excluded.tier1_change, tier2_change = excluded.tier2_change,"
 		"         tier3_change = excluded.tier3_change, total_amount = excluded.total_amount,"
 		"         status = excluded.status, updated_at = excluded.updated_at"
-		"  RETURNING 1"
 		"),"
 		" pa AS ("
 		"  INSERT INTO cm.batch_account (accountid, v1, v2, v3, a1, a2, a3)"
 		"  SELECT n.accountid, n.v1, n.v2, n.v3, n.a1, n.a2, n.a3 FROM n WHERE n.overflow IS NULL"
-		"  RETURNING 1"
 		"),"
 		" li AS ("
 		"  INSERT INTO cm.ledger (uuid, source_id, queue_id, kind, accountid, status, updated_at,"
@@ -320,7 +317,6 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"  SELECT f.id, $1, f.queue_id, f.kind, f.accountid, f.status, f.updated_at,"
 		"         f.effect IS NOT DISTINCT FROM 'apply', f.factors[1], f.factors[2], f.factors[3], now()"
 		"    FROM f WHERE f.act AND f.why IS NULL AND f.change = 'new'"
-		"  RETURNING 1"
 		"),"
 		" lu AS ("
 		"  UPDATE cm.ledger l"
@@ -334,7 +330,6 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         synced_at = now()"
 		"    FROM f"
 		"   WHERE l.uuid = f.id AND f.act AND f.why IS NULL AND f.change = 'changed'"
-		"  RETURNING 1"
 		")"
 		" SELECT count(*) AS rows_read,"
 		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.change = 'new') AS created,"
@@ -342,10 +337,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.effect = 'apply') AS applied,"
 		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.effect = 'compensate') AS compensated,"
 		"        count(*) FILTER (WHERE f.why IS NOT NULL AND f.fresh) AS dead_lettered,"
-		"        max(f.updated_at) AS max_updated_at,"
-		"        (SELECT count(*) FROM dl) + (SELECT count(*) FROM undl) + (SELECT count(*) FROM tx)"
-		"          + (SELECT count(*) FROM pa)"
-		"          + (SELECT count(*) FROM li) + (SELECT count(*) FROM lu) AS writes"
+		"        max(f.updated_at) AS max_updated_at"
 		"   FROM f",
 		portfolios, transactions, portfolios_oid, transactions_oid);
 }
