@@ -21,6 +21,10 @@
 
 #define CM_NAME "consistency_manager"
 
+/* The extension version (schema) this library serves.  Keep it equal to
+ * default_version in consistency_manager.control. */
+#define CM_SCHEMA_VERSION "1.1"
+
 /* Keys of the advisory lock that serialises cycles in one database; a DBA
  * sees it in pg_locks as locktype 'advisory', classid 17229, objid 1. */
 #define CM_LOCK_KEY1 17229		/* 'C' << 8 | 'M' */
@@ -74,6 +78,8 @@ extern const char *cm_sql_history;
 /* Helpers (util.c). */
 extern Oid	cm_target_relid(const char *relname, bool missing_ok);
 extern bool cm_lock_cycle(bool wait);
+extern char *cm_installed_version(void);
+extern void cm_check_schema_version(void);
 
 /* Shared-memory statistics (stats.c). */
 extern void cm_stats_cycle_start(void);

@@ -490,6 +490,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 
 	memset(result, 0, sizeof(*result));
 	result->started_at = GetCurrentTimestamp();
+	cm_check_schema_version();
 
 	if (!cm_lock_cycle(wait_for_lock))
 		return;

@@ -8,16 +8,24 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/indexing.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_extension.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
+#include "utils/rel.h"
 
 #include "cm.h"
 
 PG_FUNCTION_INFO_V1(cm_target_table);
+PG_FUNCTION_INFO_V1(cm_library_version);
 
 /*
  * cm_target_relid
@@ -76,4 +84,82 @@ cm_lock_cycle(bool wait)
 
 	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, CM_LOCK_KEY1, CM_LOCK_KEY2, 2);
 	return LockAcquire(&tag, ExclusiveLock, false, !wait) != LOCKACQUIRE_NOT_AVAIL;
+}
+
+/*
+ * cm_installed_version
+ *		The version of the extension installed in this database (palloc'd),
+ *		or NULL when it is not installed.
+ *
+ * Read from pg_extension directly rather than through SPI, so that it can
+ * be asked before anything of the extension's schema is touched.
+ */
+char *
+cm_installed_version(void)
+{
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	char	   *version = NULL;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber,
+				F_NAMEEQ, CStringGetDatum(CM_NAME));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+	{
+		bool		isnull;
+		Datum		d = heap_getattr(tup, Anum_pg_extension_extversion,
+									 RelationGetDescr(rel), &isnull);
+
+		if (!isnull)
+			version = text_to_cstring(DatumGetTextPP(d));
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return version;
+}
+
+/*
+ * cm_check_schema_version
+ *		Refuse to run the cycle against a schema this library was not built
+ *		for.
+ *
+ * A package upgrade replaces the library at once, but the schema (tables,
+ * functions) changes only with ALTER EXTENSION ... UPDATE.  Running the new
+ * library's statements against an older schema would fail obscurely in
+ * the middle of a cycle; this says what to do instead.  The worker catches
+ * the error like any other failed cycle, so it retries (with back-off)
+ * until the DBA has run the update.
+ */
+void
+cm_check_schema_version(void)
+{
+	char	   *installed = cm_installed_version();
+
+	if (installed == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension consistency_manager is not installed in this database"),
+				 errhint("Run CREATE EXTENSION consistency_manager CASCADE.")));
+	if (strcmp(installed, CM_SCHEMA_VERSION) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("consistency_manager schema version %s does not match the loaded library (version %s)",
+						installed, CM_SCHEMA_VERSION),
+				 errdetail("The library was upgraded; the extension's tables and functions were not."),
+				 errhint("Run ALTER EXTENSION consistency_manager UPDATE in this database; the worker resumes by itself (or at once with SELECT cm_wake()).")));
+}
+
+/*
+ * cm.library_version() returns text
+ *		The version of the schema this library was built for; cm_status()
+ *		shows it next to the installed extension version.
+ */
+Datum
+cm_library_version(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(CM_SCHEMA_VERSION));
 }

@@ -39,17 +39,37 @@ cm_install_packages() {
     fi
 }
 
-# build with warnings as errors and install into the PostgreSQL 15 tree
+# cm_build_install [TREE [SRC]]: build with warnings as errors and install
+# into the PostgreSQL 15 tree, or into TREE, a private copy of it made by
+# cm_pg_tree (the tests use one, so they never run a stale system install
+# and two checkouts can test side by side).  SRC defaults to this checkout.
 cm_build_install() {
-    echo "== building consistency_manager"
-    make -C "$CM_ROOT" -s clean >/dev/null
-    make -C "$CM_ROOT" -s PG_CONFIG=$PGBIN/pg_config COPT='-Wall -Wextra -Werror' >/dev/null
-    if [ "$(id -u)" = 0 ]; then
-        make -C "$CM_ROOT" -s PG_CONFIG=$PGBIN/pg_config install >/dev/null
+    local tree=${1:-} src=${2:-$CM_ROOT}
+    echo "== building consistency_manager${tree:+ into $tree}"
+    make -C "$src" -s clean >/dev/null
+    make -C "$src" -s PG_CONFIG=$PGBIN/pg_config COPT='-Wall -Wextra -Werror' >/dev/null
+    if [ -n "$tree" ]; then
+        make -C "$src" -s PG_CONFIG=$PGBIN/pg_config DESTDIR="$tree" install >/dev/null
+    elif [ "$(id -u)" = 0 ]; then
+        make -C "$src" -s PG_CONFIG=$PGBIN/pg_config install >/dev/null
     else
-        sudo make -C "$CM_ROOT" -s PG_CONFIG=$PGBIN/pg_config install >/dev/null
+        sudo make -C "$src" -s PG_CONFIG=$PGBIN/pg_config install >/dev/null
     fi
 }
+
+# cm_pg_tree TREE: a private copy of the PostgreSQL 15 installation under
+# TREE (TREE/usr/lib/postgresql/15/bin, .../lib, TREE/usr/share/postgresql/15).
+# PostgreSQL finds its share and lib directories relative to its binaries,
+# so servers started from TREE load the libraries and scripts installed
+# there.  Prints nothing; the binaries are in "$(cm_tree_bin TREE)".
+cm_pg_tree() {
+    local tree=$1
+    mkdir -p "$tree/usr/lib/postgresql" "$tree/usr/share/postgresql"
+    cp -a /usr/lib/postgresql/15 "$tree/usr/lib/postgresql/"
+    cp -a /usr/share/postgresql/15 "$tree/usr/share/postgresql/"
+}
+
+cm_tree_bin() { echo "$1/usr/lib/postgresql/15/bin"; }
 
 # a directory the postgres user can write to
 cm_workdir() {

@@ -8,15 +8,20 @@
 #
 #   bash tools/test.sh              every suite
 #   bash tools/test.sh regress      one suite (regress, pgtap or tap)
+#   CM_TAP="t/050_x.pl" bash tools/test.sh tap     some TAP files only
 
 source "$(dirname "${BASH_SOURCE[0]}")/cluster.sh"
 
 suites=${*:-regress pgtap tap}
 cm_install_packages
-# CM_SKIP_BUILD=1 reuses the installed build (handy while writing tests)
-[ -n "${CM_SKIP_BUILD:-}" ] || cm_build_install
 
 WORK=$(cm_workdir)
+# The suites run servers from a private copy of PostgreSQL with this
+# checkout installed into it (never a stale or foreign system install).
+cm_pg_tree "$WORK/pg"
+cm_build_install "$WORK/pg"
+PGBIN=$(cm_tree_bin "$WORK/pg")
+export PATH="$PGBIN:$PATH"
 # the suites run as the postgres user, which may not read the checkout
 cp -r "$CM_ROOT/sql" "$CM_ROOT/expected" "$CM_ROOT/test" "$CM_ROOT/t" "$WORK/"
 [ "$(id -u)" = 0 ] && chown -R postgres: "$WORK"
@@ -103,7 +108,7 @@ run_tap() {
     if (cd "$WORK" && as_pg env PERL5LIB="$PGXS_DIR/src/test/perl:$WORK/t" \
             TESTDIR="$WORK/tap" PG_REGRESS="$PGXS_DIR/src/test/regress/pg_regress" \
             CM_FIXTURES="$WORK/test/fixtures" \
-            prove --timer t/*.pl) 2>&1 | tee "$WORK/tap.out"; [ "${PIPESTATUS[0]}" = 0 ]; then
+            prove --timer ${CM_TAP:-t/*.pl}) 2>&1 | tee "$WORK/tap.out"; [ "${PIPESTATUS[0]}" = 0 ]; then
         passed=$((passed + 1))
     else
         failed=$((failed + 1)); failures+=(TAP)
