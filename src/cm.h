@@ -54,6 +54,8 @@ typedef struct CmCycleResult
 	int64		completed_applied;
 	int64		compensated;
 	int64		dead_lettered;
+	int64		adopted;		/* rows found in portfolio_transactions, taken into the ledger */
+	int64		lock_retries;	/* local phase retried after a deadlock or lock timeout */
 	TimestampTz started_at;
 	TimestampTz finished_at;
 	double		duration_ms;
@@ -67,7 +69,10 @@ extern char *cm_sql_stage_page(const char *foreign_table, const char *account_co
 							   const char *type_expr);
 extern char *cm_sql_process(const char *portfolios, const char *transactions,
 							Oid portfolios_oid, Oid transactions_oid);
-extern char *cm_sql_apply_accounts(const char *portfolios);
+extern char *cm_sql_apply_accounts(const char *portfolios, bool set_updated_at);
+extern char *cm_sql_lock_accounts(const char *portfolios);
+extern const char *cm_sql_move_stage;
+extern const char *cm_sql_clear_stage;
 extern const char *cm_sql_stage_dead_letters;
 extern const char *cm_sql_sources;
 extern const char *cm_sql_deltas;

@@ -7,9 +7,14 @@
  *	 - take the cycle lock (one cycle at a time in a database);
  *	 - read the tier deltas once, so that every completion of the cycle uses
  *	   the same ones;
- *	 - for each enabled source: retry its dead letters, then stage the rows
- *	   changed since (watermark - lookback_window) in keyset pages and
- *	   process them as a set; advance the watermark;
+ *	 - read: for each enabled source, stage its dead letters and the rows
+ *	   changed since (watermark - lookback_window) in keyset pages, into
+ *	   cm.stage; no lock is taken in portfolio-db while queue-db is read;
+ *	 - apply: lock the accounts the staged rows may change, in key order;
+ *	   then, source by source, process the rows as a set (dead letters
+ *	   first), write the accounts relative to their current values, and
+ *	   advance the watermark.  A deadlock or lock timeout retries this
+ *	   phase at once from what was staged;
  *	 - record the cycle in cm.cycle_history and the shared statistics.
  *
  * The SQL lives in cycle_sql.c.  Plans are prepared on first use and kept
@@ -22,6 +27,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -32,6 +38,7 @@
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "cm.h"
@@ -60,14 +67,33 @@ typedef struct Source
 	bool		has_watermark;
 	TimestampTz watermark;
 	Oid			relid;
+	int64		staged[2];		/* rows staged: [0] dead letters, [1] read */
 } Source;
 
 static StagePlan *stage_plans = NULL;
 static int	n_stage_plans = 0;
 static int	max_stage_plans = 0;
 
+/*
+ * How often the local phase of a cycle (lock, process, apply) is retried
+ * after a deadlock, a serialization failure or a lock timeout, before the
+ * cycle fails.  Each retry reuses what was read from queue-db.
+ */
+#define CM_LOCK_RETRIES 10
+
+/*
+ * deadlock_timeout while the cycle waits for account locks: shorter than
+ * the application's, so that in a deadlock between the two the cycle
+ * detects it first and is the one that gives way (and retries), never the
+ * application's transaction.
+ */
+#define CM_DEADLOCK_TIMEOUT "20ms"
+
 static SPIPlanPtr process_plan = NULL;
 static SPIPlanPtr accounts_plan = NULL;
+static SPIPlanPtr lock_plan = NULL;
+static SPIPlanPtr move_plan = NULL;
+static SPIPlanPtr clear_stage_plan = NULL;
 static Oid	process_plan_targets[2] = {InvalidOid, InvalidOid};
 static SPIPlanPtr sources_plan = NULL;
 static SPIPlanPtr deltas_plan = NULL;
@@ -116,6 +142,7 @@ static void
 prepare_fixed_plans(void)
 {
 	Oid			int4arg[1] = {INT4OID};
+	Oid			moveargs[2] = {INT4OID, INT2OID};
 	Oid			finishargs[2] = {INT4OID, TIMESTAMPTZOID};
 	Oid			histargs[12] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
 		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID};
@@ -132,6 +159,10 @@ prepare_fixed_plans(void)
 		history_plan = prepare_kept(cm_sql_history, 12, histargs, 0);
 	if (stage_dl_plan == NULL)
 		stage_dl_plan = prepare_kept(cm_sql_stage_dead_letters, 1, int4arg, 0);
+	if (move_plan == NULL)
+		move_plan = prepare_kept(cm_sql_move_stage, 2, moveargs, 0);
+	if (clear_stage_plan == NULL)
+		clear_stage_plan = prepare_kept(cm_sql_clear_stage, 0, NULL, 0);
 }
 
 /*
@@ -140,13 +171,14 @@ prepare_fixed_plans(void)
  *
  * The tables are found through consistency_manager.portfolio_schema, so
  * the plan is rebuilt when that setting points elsewhere.  *accounts is set
- * to the statement that writes the new account values afterwards.  It is planned
+ * to the statement that writes the new account values afterwards, *lock to
+ * the one that locks the accounts beforehand.  It is planned
  * afresh at each execution (CURSOR_OPT_CUSTOM_PLAN): the batch it reads
  * holds a handful of rows in a steady cycle and millions in a catch-up,
  * and each deserves its own join strategy.
  */
 static SPIPlanPtr
-get_process_plan(SPIPlanPtr *accounts)
+get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 {
 	Oid			portfolios = cm_target_relid("user_portfolios", false);
 	Oid			transactions = cm_target_relid("portfolio_transactions", false);
@@ -162,7 +194,9 @@ get_process_plan(SPIPlanPtr *accounts)
 			SPI_freeplan(process_plan);
 		if (accounts_plan != NULL)
 			SPI_freeplan(accounts_plan);
-		process_plan = accounts_plan = NULL;
+		if (lock_plan != NULL)
+			SPI_freeplan(lock_plan);
+		process_plan = accounts_plan = lock_plan = NULL;
 
 		portfolios_name = quote_qualified_identifier(get_namespace_name(get_rel_namespace(portfolios)),
 													 get_rel_name(portfolios));
@@ -171,11 +205,15 @@ get_process_plan(SPIPlanPtr *accounts)
 		process_plan = prepare_kept(cm_sql_process(portfolios_name, transactions_name,
 												   portfolios, transactions),
 									2, argtypes, CURSOR_OPT_CUSTOM_PLAN);
-		accounts_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name), 0, NULL, 0);
+		accounts_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
+														   get_attnum(portfolios, "updated_at") != InvalidAttrNumber),
+									 0, NULL, 0);
+		lock_plan = prepare_kept(cm_sql_lock_accounts(portfolios_name), 0, NULL, 0);
 		process_plan_targets[0] = portfolios;
 		process_plan_targets[1] = transactions;
 	}
 	*accounts = accounts_plan;
+	*lock = lock_plan;
 	return process_plan;
 }
 
@@ -325,11 +363,12 @@ process_batch(int32 source_id, Datum deltas, CmCycleResult *result)
 	bool		isnull;
 	TimestampTz newest = 0;
 	SPIPlanPtr	accounts;
+	SPIPlanPtr	lock;
 
 	values[0] = Int32GetDatum(source_id);
 	values[1] = deltas;
 	cm_report_phase("consistency_manager: applying changes");
-	run_plan(get_process_plan(&accounts), values, NULL, SPI_OK_SELECT);
+	run_plan(get_process_plan(&accounts, &lock), values, NULL, SPI_OK_SELECT);
 
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -341,6 +380,7 @@ process_batch(int32 source_id, Datum deltas, CmCycleResult *result)
 	newest = DatumGetTimestampTz(SPI_getbinval(tup, desc, 7, &isnull));
 	if (isnull)
 		newest = 0;
+	result->adopted += DatumGetInt64(SPI_getbinval(tup, desc, 8, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 
 	run_plan(accounts, NULL, NULL, SPI_OK_UPDATE);
@@ -349,18 +389,20 @@ process_batch(int32 source_id, Datum deltas, CmCycleResult *result)
 }
 
 /*
- * sync_source
- *		Retry the dead letters of one source, then read and apply what
- *		changed in it since (watermark - lookback_window).
+ * stage_source
+ *		Read one source into cm.stage: its dead letters (pass 0), then the
+ *		rows changed in queue-db since (watermark - lookback_window) in
+ *		keyset pages (pass 1).  Takes no lock in portfolio-db.
+ *
+ * Sets src->staged[pass] to the number of rows staged in each pass.
  */
 static void
-sync_source(const Source *src, Datum deltas, CmCycleResult *result)
+stage_source(Source *src, CmCycleResult *result)
 {
 	SPIPlanPtr	stage;
 	Datum		values[4];
 	TimestampTz from;
 	int64		last_id = PG_INT64_MIN;
-	int64		staged = 0;
 	int			save_nestlevel;
 
 	if (!OidIsValid(src->relid))
@@ -377,8 +419,7 @@ sync_source(const Source *src, Datum deltas, CmCycleResult *result)
 	values[0] = Int32GetDatum(src->source_id);
 	cm_report_phase("consistency_manager: retrying dead letters");
 	run_plan(stage_dl_plan, values, NULL, SPI_OK_INSERT);
-	if (SPI_processed > 0)
-		(void) process_batch(src->source_id, deltas, result);
+	src->staged[0] = (int64) SPI_processed;
 
 	/* Then the keyset pages of changed rows. */
 	if (!src->has_watermark || TIMESTAMP_NOT_FINITE(src->watermark))
@@ -423,23 +464,141 @@ sync_source(const Source *src, Datum deltas, CmCycleResult *result)
 			from = DatumGetTimestampTz(SPI_getbinval(tup, desc, 2, &isnull));
 			last_id = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
 		}
-		staged += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+		src->staged[1] += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
 		SPI_freetuptable(SPI_tuptable);
 		result->rows_read += n;
 		if (n < cm_batch_size)
 			break;
 	}
 	AtEOXact_GUC(true, save_nestlevel);
+}
 
-	if (staged > 0)
+/*
+ * apply_staged
+ *		The local phase of a cycle: lock the accounts the staged rows may
+ *		change (in key order), then process each source's dead letters and
+ *		new rows, write the accounts, and advance the watermarks.
+ *
+ * Runs after every remote read, so no lock taken here is ever held while
+ * the cycle waits for queue-db.
+ */
+static void
+apply_staged(Source *sources, int nsources, Datum deltas, CmCycleResult *result)
+{
+	SPIPlanPtr	accounts;
+	SPIPlanPtr	lock;
+	int			i;
+	int			pass;
+
+	(void) get_process_plan(&accounts, &lock);
+	cm_report_phase("consistency_manager: locking accounts");
+	run_plan(lock, NULL, NULL, SPI_OK_SELECT);
+	SPI_freetuptable(SPI_tuptable);
+
+	for (i = 0; i < nsources; i++)
 	{
-		TimestampTz newest = process_batch(src->source_id, deltas, result);
-		Datum		fvalues[2];
+		Source	   *src = &sources[i];
 
-		fvalues[0] = Int32GetDatum(src->source_id);
-		fvalues[1] = TimestampTzGetDatum(newest);
-		run_plan(finish_plan, fvalues, NULL, SPI_OK_UPDATE);
+		for (pass = 0; pass < 2; pass++)
+		{
+			Datum		values[2];
+			TimestampTz newest;
+
+			if (src->staged[pass] == 0)
+				continue;
+			values[0] = Int32GetDatum(src->source_id);
+			values[1] = Int16GetDatum((int16) pass);
+			run_plan(move_plan, values, NULL, SPI_OK_INSERT);
+			newest = process_batch(src->source_id, deltas, result);
+			if (pass == 1)
+			{
+				Datum		fvalues[2];
+
+				fvalues[0] = Int32GetDatum(src->source_id);
+				fvalues[1] = TimestampTzGetDatum(newest);
+				run_plan(finish_plan, fvalues, NULL, SPI_OK_UPDATE);
+			}
+		}
 	}
+}
+
+/*
+ * retryable_error
+ *		Whether an error of the local phase is one that trying again (with
+ *		the same staged rows) can cure: a deadlock, a serialization failure,
+ *		a lock timeout.
+ */
+static bool
+retryable_error(int sqlerrcode)
+{
+	return sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED ||
+		sqlerrcode == ERRCODE_T_R_SERIALIZATION_FAILURE ||
+		sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE;
+}
+
+/*
+ * apply_with_retry
+ *		apply_staged in a subtransaction, retried at once (up to
+ *		CM_LOCK_RETRIES times) when it loses a deadlock or a lock wait;
+ *		what was read from queue-db stays staged across the retries.
+ *
+ * While it runs, deadlock_timeout is CM_DEADLOCK_TIMEOUT, so that in a
+ * deadlock with the application the cycle is the side that gives way.
+ * Any other error propagates and fails the cycle.
+ */
+static void
+apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *result)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	CmCycleResult saved = *result;
+	int			save_nestlevel;
+	int			attempt;
+
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("deadlock_timeout", CM_DEADLOCK_TIMEOUT, PGC_SUSET,
+							 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+
+	for (attempt = 0;; attempt++)
+	{
+		volatile bool done = false;
+
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(oldcxt);
+		PG_TRY();
+		{
+			apply_staged(sources, nsources, deltas, result);
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcxt);
+			CurrentResourceOwner = oldowner;
+			done = true;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(oldcxt);
+			edata = CopyErrorData();
+			if (!retryable_error(edata->sqlerrcode) || attempt >= CM_LOCK_RETRIES)
+				PG_RE_THROW();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcxt);
+			CurrentResourceOwner = oldowner;
+
+			*result = saved;
+			result->lock_retries = saved.lock_retries + attempt + 1;
+			ereport(LOG,
+					(errmsg("consistency_manager cycle retries its local phase: %s", edata->message),
+					 errdetail("Attempt %d of %d; what was read from queue-db is reused.",
+							   attempt + 2, CM_LOCK_RETRIES + 1)));
+			FreeErrorData(edata);
+		}
+		PG_END_TRY();
+		if (done)
+			break;
+	}
+	AtEOXact_GUC(true, save_nestlevel);
 }
 
 /*
@@ -492,6 +651,19 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	result->started_at = GetCurrentTimestamp();
 	cm_check_schema_version();
 
+	/*
+	 * The cycle locks accounts and then reads them as committed now; with
+	 * a transaction snapshot it would read them as they were and fail on
+	 * every account the application changed since.
+	 */
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("a sync cycle must run in a READ COMMITTED transaction"),
+				 errdetail("The transaction's isolation level is %s.",
+						   XactIsoLevel == XACT_SERIALIZABLE ? "SERIALIZABLE" : "REPEATABLE READ"),
+				 errhint("Call cm_sync_now() on its own, or after SET TRANSACTION ISOLATION LEVEL READ COMMITTED.")));
+
 	if (!cm_lock_cycle(wait_for_lock))
 		return;
 	result->ran = true;
@@ -503,11 +675,14 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	prepare_fixed_plans();
 	deltas = read_deltas();
 	sources = read_sources(&nsources);
+	/* every remote read first, before any lock in portfolio-db */
 	for (i = 0; i < nsources; i++)
 	{
-		sync_source(&sources[i], deltas, result);
+		stage_source(&sources[i], result);
 		result->sources++;
 	}
+	apply_with_retry(sources, nsources, deltas, result);
+	run_plan(clear_stage_plan, NULL, NULL, SPI_OK_UTILITY);
 
 	result->finished_at = GetCurrentTimestamp();
 	result->duration_ms = (double) (result->finished_at - result->started_at) / 1000.0;

@@ -58,9 +58,9 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 		"   ORDER BY q.updated_at, q.queue_id"
 		"   LIMIT $4),"
 		" ins AS ("
-		"  INSERT INTO cm.batch (source_id, queue_id, uuid, accountid, transaction_type,"
+		"  INSERT INTO cm.stage (source_id, pass, queue_id, uuid, accountid, transaction_type,"
 		"                        tier_1, tier_2, tier_3, status, created_at, updated_at)"
-		"  SELECT $1, p.queue_id, p.uuid, p.accountid, p.transaction_type,"
+		"  SELECT $1, 1, p.queue_id, p.uuid, p.accountid, p.transaction_type,"
 		"         p.tier_1, p.tier_2, p.tier_3, p.status, p.created_at, p.updated_at"
 		"    FROM page p"
 		"   WHERE NOT EXISTS (SELECT 1 FROM cm.ledger l"
@@ -77,9 +77,9 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 
 /* Stage a source's dead letters for another try.  $1 source_id. */
 const char *cm_sql_stage_dead_letters =
-	"INSERT INTO cm.batch (source_id, queue_id, uuid, accountid, transaction_type,"
+	"INSERT INTO cm.stage (source_id, pass, queue_id, uuid, accountid, transaction_type,"
 	"                      tier_1, tier_2, tier_3, status, created_at, updated_at)"
-	" SELECT source_id, queue_id, uuid, accountid, transaction_type,"
+	" SELECT source_id, 0, queue_id, uuid, accountid, transaction_type,"
 	"        tier_1, tier_2, tier_3, status, created_at, updated_at"
 	"   FROM cm.dead_letter WHERE source_id = $1";
 
@@ -153,23 +153,35 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         k.tl1, k.tl2, k.tl3, k.tl4, k.alen,"
 		"         m.portfolio_status, p.accountid IS NOT NULL AS has_portfolio,"
 		"         l.uuid IS NOT NULL AS in_ledger, l.source_id AS l_source, l.kind AS l_kind,"
-		"         coalesce(l.applied, false) AS l_applied,"
+		"         t.id IS NOT NULL AS adopted,"
+		"         prior.applied AS l_applied,"
 		"         l.factor1 AS l_f1, l.factor2 AS l_f2, l.factor3 AS l_f3,"
 		"         l.updated_at AS l_updated_at, l.status AS l_status,"
-		"         CASE WHEN b.status = 'COMPLETED' AND NOT coalesce(l.applied, false) THEN 'apply'"
-		"              WHEN b.status IS DISTINCT FROM 'COMPLETED' AND coalesce(l.applied, false)"
+		"         CASE WHEN b.status = 'COMPLETED' AND NOT prior.applied THEN 'apply'"
+		"              WHEN b.status IS DISTINCT FROM 'COMPLETED' AND prior.applied"
 		"                   THEN 'compensate' END AS effect"
 		"    FROM cm.batch b"
 		"   CROSS JOIN cols k"
 		"    LEFT JOIN cm.status_map m ON m.queue_status = b.status"
 		"    LEFT JOIN %1$s p ON p.accountid = b.accountid"
 		"    LEFT JOIN cm.ledger l ON l.uuid = cm.try_uuid(b.uuid)"
+		/*
+		 * A request the ledger does not know but portfolio_transactions
+		 * already holds (written by the service this extension replaces, by
+		 * the application, or before a DROP EXTENSION) is adopted: applied
+		 * already when its portfolio status is the one COMPLETED maps to.
+		 */
+		"    LEFT JOIN %2$s t ON l.uuid IS NULL AND t.id = cm.try_uuid(b.uuid)"
+		"   CROSS JOIN LATERAL (SELECT CASE WHEN l.uuid IS NOT NULL THEN l.applied"
+		"                                   WHEN t.id IS NOT NULL THEN coalesce(t.status = (SELECT d.portfolio_status"
+		"                                                   FROM cm.status_map d WHERE d.queue_status = 'COMPLETED'), false)"
+		"                                   ELSE false END AS applied) prior"
 		"),"
 		" c AS MATERIALIZED ("
 		"  SELECT x.queue_id, x.uuid_text, x.id, x.accountid, x.transaction_type,"
 		"         x.tier_1, x.tier_2, x.tier_3, x.status, x.created_at, x.updated_at,"
 		"         x.kind, x.c1, x.c2, x.c3, x.portfolio_status, x.change, x.effect,"
-		"         x.l_applied, x.l_f1, x.l_f2, x.l_f3,"
+		"         x.l_applied, x.l_f1, x.l_f2, x.l_f3, x.adopted,"
 		"         x.change IN ('new', 'changed', 'conflict') AS act,"
 		"         CASE"
 		"          WHEN x.change NOT IN ('new', 'changed', 'conflict') THEN NULL"
@@ -203,6 +215,9 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"          WHEN x.change = 'conflict' THEN"
 		"               format('uuid %%s is already used by source %%s (%%s)',"
 		"                      x.id, x.l_source, x.l_kind)"
+		"          WHEN x.effect = 'compensate' AND (x.l_f1 IS NULL OR x.l_f2 IS NULL OR x.l_f3 IS NULL) THEN"
+		"               format('cannot compensate: its completion was adopted from an existing %%s row, so the factors it applied are unknown; correct account %%s by hand',"
+		"                      %4$u::oid::regclass, x.accountid)"
 		"          WHEN x.effect = 'compensate' AND 0 IN (x.l_f1, x.l_f2, x.l_f3) THEN"
 		"               'cannot compensate: its completion multiplied a tier by 0 (a delta of -100%%)'"
 		"         END AS reason"
@@ -265,7 +280,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"  SELECT c.queue_id, c.uuid_text, c.id, c.accountid, c.transaction_type,"
 		"         c.tier_1, c.tier_2, c.tier_3, c.status, c.created_at, c.updated_at,"
 		"         c.kind, c.c1, c.c2, c.c3, c.portfolio_status, c.change, c.effect, c.act,"
-		"         c.l_applied, c.l_f1, c.l_f2, c.l_f3,"
+		"         c.l_applied, c.l_f1, c.l_f2, c.l_f3, c.adopted,"
 		"         CASE c.kind WHEN 'INVEST' THEN 1 ELSE -1 END AS sgn,"
 		"         CASE WHEN c.effect = 'apply' AND c.kind = 'INVEST' THEN ARRAY[1 + $2[1], 1 + $2[2], 1 + $2[3]]"
 		"              WHEN c.effect = 'apply' THEN ARRAY[1 - $2[1], 1 - $2[2], 1 - $2[3]] END AS factors,"
@@ -308,14 +323,19 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         status = excluded.status, updated_at = excluded.updated_at"
 		"),"
 		" pa AS ("
-		"  INSERT INTO cm.batch_account (accountid, v1, v2, v3, a1, a2, a3)"
-		"  SELECT n.accountid, n.v1, n.v2, n.v3, n.a1, n.a2, n.a3 FROM n WHERE n.overflow IS NULL"
+		"  INSERT INTO cm.batch_account (accountid, iv1, iv2, iv3, wd1, wd2, wd3,"
+		"                                vs1, vs2, vs3, as1, as2, as3)"
+		"  SELECT a.accountid, a.iv1, a.iv2, a.iv3, a.wd1, a.wd2, a.wd3,"
+		"         k.vs1, k.vs2, k.vs3, k.as1, k.as2, k.as3"
+		"    FROM a JOIN n ON n.accountid = a.accountid AND n.overflow IS NULL"
+		"   CROSS JOIN cols k"
 		"),"
 		" li AS ("
 		"  INSERT INTO cm.ledger (uuid, source_id, queue_id, kind, accountid, status, updated_at,"
 		"                         applied, factor1, factor2, factor3, synced_at)"
 		"  SELECT f.id, $1, f.queue_id, f.kind, f.accountid, f.status, f.updated_at,"
-		"         f.effect IS NOT DISTINCT FROM 'apply', f.factors[1], f.factors[2], f.factors[3], now()"
+		"         CASE f.effect WHEN 'apply' THEN true WHEN 'compensate' THEN false ELSE f.l_applied END,"
+		"         f.factors[1], f.factors[2], f.factors[3], now()"
 		"    FROM f WHERE f.act AND f.why IS NULL AND f.change = 'new'"
 		"),"
 		" lu AS ("
@@ -337,14 +357,23 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.effect = 'apply') AS applied,"
 		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.effect = 'compensate') AS compensated,"
 		"        count(*) FILTER (WHERE f.why IS NOT NULL AND f.fresh) AS dead_lettered,"
-		"        max(f.updated_at) AS max_updated_at"
+		"        max(f.updated_at) AS max_updated_at,"
+		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.change = 'new' AND f.adopted) AS adopted"
 		"   FROM f",
 		portfolios, transactions, portfolios_oid, transactions_oid);
 }
 
 /*
- * Write the new tier values and allocations the processing statement left in
- * cm.batch_account.  %1$s user_portfolios.
+ * Apply the factors the processing statement left in cm.batch_account to
+ * the accounts.  %1$s user_portfolios; with set_updated_at, its
+ * updated_at column is set too (applications use it to detect changes).
+ *
+ * Each new value is computed from the row being updated, under its row
+ * lock (tier1_value := round(tier1_value * factor, scale), the totals the
+ * sums of the rounded tiers): a change the application committed since the
+ * cycle read the account is kept, and the cycle's effect composes with it.
+ * The accounts were locked in key order before the processing statement
+ * (cm_sql_lock_accounts), so the values it checked for overflow are these.
  *
  * A statement of its own, run after the processing statement: the foreign
  * key checks of the portfolio_transactions rows inserted there lock their
@@ -353,18 +382,75 @@ cm_sql_process(const char *portfolios, const char *transactions,
  * slower than the whole insert on a 100k-row catch-up).
  */
 char *
-cm_sql_apply_accounts(const char *portfolios)
+cm_sql_apply_accounts(const char *portfolios, bool set_updated_at)
 {
 	return psprintf(
-		"UPDATE %1$s p"
-		"   SET tier1_value = n.v1, tier2_value = n.v2, tier3_value = n.v3,"
-		"       total_value = n.v1 + n.v2 + n.v3,"
-		"       tier1_allocation = n.a1, tier2_allocation = n.a2, tier3_allocation = n.a3,"
-		"       total_allocation = n.a1 + n.a2 + n.a3"
-		"  FROM cm.batch_account n"
+		"UPDATE %1$s p\n"
+		"   SET tier1_value = cm.round_to(p.tier1_value * n.iv1, n.vs1),\n"
+		"       tier2_value = cm.round_to(p.tier2_value * n.iv2, n.vs2),\n"
+		"       tier3_value = cm.round_to(p.tier3_value * n.iv3, n.vs3),\n"
+		"       total_value = cm.round_to(p.tier1_value * n.iv1, n.vs1)\n"
+		"                   + cm.round_to(p.tier2_value * n.iv2, n.vs2)\n"
+		"                   + cm.round_to(p.tier3_value * n.iv3, n.vs3),\n"
+		"       tier1_allocation = cm.round_to(p.tier1_allocation * n.wd1, n.as1),\n"
+		"       tier2_allocation = cm.round_to(p.tier2_allocation * n.wd2, n.as2),\n"
+		"       tier3_allocation = cm.round_to(p.tier3_allocation * n.wd3, n.as3),\n"
+		"       total_allocation = cm.round_to(p.tier1_allocation * n.wd1, n.as1)\n"
+		"                        + cm.round_to(p.tier2_allocation * n.wd2, n.as2)\n"
+		"                        + cm.round_to(p.tier3_allocation * n.wd3, n.as3)%2$s\n"
+		"  FROM cm.batch_account n\n"
 		" WHERE p.accountid = n.accountid",
+		portfolios, set_updated_at ? ",\n       updated_at = now()" : "");
+}
+
+/*
+ * Lock, in key order, every account a staged row may change.  %1$s
+ * user_portfolios.
+ *
+ * Run once per cycle after every source was read (no remote wait follows)
+ * and before any statement writes: the cycle's row locks are then taken in
+ * one order, so two cycles, or a cycle and an application that locks
+ * accounts by key, never deadlock; and the processing statement that
+ * follows reads these accounts as they are committed now, with nobody able
+ * to change them until the cycle commits.  A row may change its account
+ * when its COMPLETED-ness differs from what the ledger has applied (a
+ * superset: rows later dead-lettered are locked too).  FOR NO KEY UPDATE is
+ * the lock the UPDATE itself takes; it does not block the application's
+ * inserts of transactions that reference the account.
+ */
+char *
+cm_sql_lock_accounts(const char *portfolios)
+{
+	return psprintf(
+		"SELECT count(*) AS locked_accounts\n"
+		"  FROM (SELECT 1\n"
+		"          FROM %1$s p\n"
+		"         WHERE p.accountid IN (SELECT s.accountid\n"
+		"                                 FROM cm.stage s\n"
+		"                                 LEFT JOIN cm.ledger l ON l.uuid = cm.try_uuid(s.uuid)\n"
+		"                                WHERE coalesce(s.status = 'COMPLETED', false)\n"
+		"                                      <> coalesce(l.applied, false))\n"
+		"         ORDER BY p.accountid\n"
+		"           FOR NO KEY UPDATE OF p) AS locked",
 		portfolios);
 }
+
+/*
+ * Move one pass of one source from cm.stage into cm.batch.  $1 source_id,
+ * $2 pass (0: dead letters, 1: rows read from queue-db).
+ *
+ * The processing statement reads all of cm.batch (see the file header);
+ * a source's dead letters go through it before its new rows, so that a
+ * newer version of the same queue row read in this cycle wins.
+ */
+const char *cm_sql_move_stage =
+	"WITH moved AS (\n"
+	"  DELETE FROM cm.stage s WHERE s.source_id = $1 AND s.pass = $2\n"
+	"  RETURNING s.source_id, s.queue_id, s.uuid, s.accountid, s.transaction_type,\n"
+	"            s.tier_1, s.tier_2, s.tier_3, s.status, s.created_at, s.updated_at)\n"
+	"INSERT INTO cm.batch (source_id, queue_id, uuid, accountid, transaction_type,\n"
+	"                      tier_1, tier_2, tier_3, status, created_at, updated_at)\n"
+	"SELECT * FROM moved";
 
 /* The enabled sources, in the order their cycle runs. */
 const char *cm_sql_sources =
@@ -384,6 +470,9 @@ const char *cm_sql_finish_source =
 
 /* Empty the scratch table (its rows were only ever seen by this cycle). */
 const char *cm_sql_clear_batch = "TRUNCATE cm.batch, cm.batch_account";
+
+/* Empty the staging table at the end of a cycle. */
+const char *cm_sql_clear_stage = "TRUNCATE cm.stage";
 
 /* Record a cycle that did something, and prune what is past retention. */
 const char *cm_sql_history =

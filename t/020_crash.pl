@@ -61,8 +61,9 @@ sub cycle_waiting_pid
 my $snap0 = portfolio_snapshot($node);
 my $heap0 = $node->safe_psql('portfolio', q{SELECT pg_relation_size('portfolio_transactions')});
 
-# withdrawal_queue (source 2) is locked in queue-db: the cycle syncs source 1,
-# then its remote read of source 2 waits
+# withdrawal_queue (source 2) is locked in queue-db: the cycle reads source 1,
+# then its remote read of source 2 waits (every source is read before
+# anything is written)
 my $locker = $node->background_psql('queue');
 $locker->query_safe('BEGIN; LOCK TABLE withdrawal_queue IN ACCESS EXCLUSIVE MODE');
 my $cycle = start_async($node, 'portfolio', $CYCLE_SQL);
@@ -74,8 +75,10 @@ ok( $node->poll_query_until(
 	'(a) the cycle reads source 2 and waits for its lock in queue-db');
 my $pid = cycle_waiting_pid();
 ok($pid, '(a) the cycle is active in portfolio-db');
-ok( $node->safe_psql('portfolio', q{SELECT pg_relation_size('portfolio_transactions')}) > $heap0,
-	'(a) the cycle has already written source 1 into portfolio_transactions (uncommitted)');
+ok( $node->safe_psql('portfolio', q{SELECT pg_relation_size('cm.stage')}) > 0,
+	'(a) the cycle has already staged source 1 (uncommitted)');
+is( $node->safe_psql('portfolio', q{SELECT pg_relation_size('portfolio_transactions')}), $heap0,
+	'(a) and has written nothing to portfolio_transactions while queue-db keeps it waiting');
 
 is($node->safe_psql('portfolio', "SELECT pg_terminate_backend($pid)"), 't', '(a) terminate the cycle');
 my ($ok, $out, $err) = finish_async($cycle);
@@ -87,7 +90,8 @@ close_bg($locker);
 
 is(portfolio_snapshot($node), $snap0,
 	'(a) nothing of the terminated cycle remains: transactions, portfolios, ledger and watermarks as before');
-is($node->safe_psql('portfolio', 'SELECT count(*) FROM cm.batch'), '0', '(a) cm.batch is empty');
+is($node->safe_psql('portfolio', 'SELECT (SELECT count(*) FROM cm.batch) + (SELECT count(*) FROM cm.stage)'),
+	'0', '(a) cm.batch and cm.stage are empty');
 
 is( $node->safe_psql('portfolio',
 		'SELECT sources, rows_read, created, updated, completed_applied, compensated, dead_lettered FROM cm_sync_now()'),
