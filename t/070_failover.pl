@@ -91,8 +91,8 @@ sub standby_is_passive
 	is( $standby->safe_psql('portfolio',
 			q{SELECT coalesce(worker_pid::text, 'none') || '|' || worker_state || '|' || cycles FROM cm_stats()}),
 		'none|not started|0', "$what: cm_stats() on the standby shows no worker and no cycle");
-	is($standby->safe_psql('portfolio', 'SELECT worker_running FROM cm_health()'),
-		'f', "$what: cm_health() on the standby says the worker does not run");
+	is($standby->safe_psql('portfolio', 'SELECT worker_running, queue_reachable FROM cm_health()'),
+		'f|t', "$what: cm_health() on the standby says the worker does not run, and reaches queue-db");
 	is($standby->safe_psql('portfolio', 'SELECT cm_wake()'), 'f', "$what: cm_wake() on the standby reaches no worker");
 	return;
 }

@@ -70,21 +70,29 @@ add_requests($queue, 'unsynced', 2, $ACCOUNTS);
 # the exporter's role
 ############################################################################
 
-my $superuser = $node->safe_psql('portfolio', 'SELECT current_user');
-$node->safe_psql('portfolio', 'CREATE ROLE cm_exporter LOGIN IN ROLE pg_monitor');
+# The exporter logs in as cm_exporter, a member of pg_monitor and no
+# superuser.  pg_monitor alone does not yet let it execute the monitoring
+# functions; until it does, the role gets EXECUTE on them explicitly, as the
+# README tells a DBA.  TODO: once the extension opens them to pg_monitor, the
+# GRANT below is skipped and this test proves pg_monitor is enough.
+my $user = 'cm_exporter';
+$node->safe_psql('portfolio', "CREATE ROLE $user LOGIN IN ROLE pg_monitor");
 my $monitor_ok = $node->safe_psql(
-	'portfolio', q{
-	SELECT has_function_privilege('cm_exporter', 'cm_stats()', 'EXECUTE')
-	   AND has_function_privilege('cm_exporter', 'cm_health()', 'EXECUTE')
-	   AND has_function_privilege('cm_exporter', 'cm_sources()', 'EXECUTE')});
-my $user = $monitor_ok eq 't' ? 'cm_exporter' : $superuser;
-# TODO: once pg_monitor may execute the monitoring functions, the exporter
-# runs as the pg_monitor member cm_exporter here; until then it needs a
-# superuser (or explicit GRANT EXECUTE).
-note($monitor_ok eq 't'
-	? 'the exporter runs as cm_exporter, a member of pg_monitor'
-	: "pg_monitor may not execute cm_stats(), cm_health() and cm_sources() yet: the exporter runs as superuser $superuser"
-);
+	'portfolio', qq{
+	SELECT has_function_privilege('$user', 'cm_stats()', 'EXECUTE')
+	   AND has_function_privilege('$user', 'cm_health()', 'EXECUTE')
+	   AND has_function_privilege('$user', 'cm_sources()', 'EXECUTE')});
+if ($monitor_ok eq 't')
+{
+	note("pg_monitor may execute cm_stats(), cm_health() and cm_sources(): $user needs no GRANT");
+}
+else
+{
+	note("pg_monitor may not execute cm_stats(), cm_health() and cm_sources() yet: GRANT EXECUTE to $user");
+	$node->safe_psql('portfolio', "GRANT EXECUTE ON FUNCTION cm_stats(), cm_health(), cm_sources() TO $user");
+}
+is($node->safe_psql('portfolio', "SELECT rolsuper FROM pg_roles WHERE rolname = '$user'"),
+	'f', "the exporter's role $user is no superuser");
 
 ############################################################################
 # the exporter
