@@ -78,11 +78,12 @@ my @QUEUES = (
 
 =pod
 
-=item cm_node(name, conf => [lines], preload => 0|1)
+=item cm_node(name, conf => [lines], preload => 0|1, allows_streaming => 0|1)
 
 A new, initialised (not started) node listening on 127.0.0.1 (postgres_fdw
 connects over TCP).  With preload => 1 (default), consistency_manager is in
 shared_preload_libraries with consistency_manager.database = 'portfolio'.
+With allows_streaming => 1 the node can have streaming standbys.
 
 =cut
 
@@ -90,7 +91,7 @@ sub cm_node
 {
 	my ($name, %opt) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init;
+	$node->init(allows_streaming => $opt{allows_streaming} // 0);
 	$node->append_conf('postgresql.conf', "listen_addresses = '127.0.0.1'");
 	$node->append_conf('postgresql.conf', "log_statement = none");
 	$node->append_conf('postgresql.conf', "log_min_messages = info");

@@ -13,7 +13,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/cluster.sh"
 
 suites=${*:-regress pgtap tap}
-cm_install_packages
+cm_install_packages prometheus-postgres-exporter   # t/080 runs the real exporter
 
 WORK=$(cm_workdir)
 # The suites run servers from a private copy of PostgreSQL with this
@@ -24,6 +24,7 @@ PGBIN=$(cm_tree_bin "$WORK/pg")
 export PATH="$PGBIN:$PATH"
 # the suites run as the postgres user, which may not read the checkout
 cp -r "$CM_ROOT/sql" "$CM_ROOT/expected" "$CM_ROOT/test" "$CM_ROOT/t" "$WORK/"
+cp -r "$CM_ROOT/monitoring" "$WORK/"   # the Prometheus query file t/080 serves
 [ "$(id -u)" = 0 ] && chown -R postgres: "$WORK"
 
 PGXS_DIR=$(dirname "$($PGBIN/pg_config --pgxs)")/../..
