@@ -28,6 +28,7 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -650,6 +651,13 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	memset(result, 0, sizeof(*result));
 	result->started_at = GetCurrentTimestamp();
 	cm_check_schema_version();
+
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("a sync cycle cannot run on a standby"),
+				 errdetail("This server is in recovery; the cycle writes the ledger and the portfolio tables."),
+				 errhint("Run cm_sync_now() on the primary.  After a promotion the worker starts here by itself.")));
 
 	/*
 	 * The cycle locks accounts and then reads them as committed now; with

@@ -104,8 +104,8 @@ is(portfolio_snapshot($standby), portfolio_snapshot($primary),
 my $snap = portfolio_snapshot($standby);
 my ($ret, $out, $err) = $standby->psql('portfolio', "\\set VERBOSITY verbose\nSELECT * FROM cm_sync_now()");
 isnt($ret, 0, 'cm_sync_now() on the standby fails');
-like($err, qr/ERROR:  25006: cannot execute \w+ in a read-only transaction/,
-	'with SQLSTATE 25006 (read-only transaction)')
+like($err, qr/ERROR:  25006: a sync cycle cannot run on a standby/,
+	'with SQLSTATE 25006 and a message that says why')
   or diag($err);
 is(portfolio_snapshot($standby), $snap, 'and changes nothing');
 
@@ -128,10 +128,13 @@ standby_is_passive('after the streamed round');
 # the primary stops in the middle of a busy cycle
 ############################################################################
 
-# An application session holds an account: the cycle stages and applies
-# the whole backlog, then waits to write that account.
+# An application session holds a transaction the round completes: the
+# cycle reads the whole backlog, locks its accounts, and has written part of
+# its changes when it waits for that row.
+my $held = $queue->safe_psql('queue',
+	q{SELECT uuid FROM withdrawal_queue WHERE status = 'PENDING' AND uuid < '8' ORDER BY uuid DESC LIMIT 1});
 my $blocker = $primary->background_psql('portfolio');
-$blocker->query_safe(q{BEGIN; SELECT accountid FROM user_portfolios WHERE accountid = 'ACC00003' FOR UPDATE});
+$blocker->query_safe(qq{BEGIN; SELECT id FROM portfolio_transactions WHERE id = '$held' FOR UPDATE});
 
 add_requests($queue, 'busy', 1500, $ACCOUNTS);
 my $n;
@@ -153,7 +156,7 @@ is($primary->safe_psql('portfolio', 'SELECT cm_wake()'), 't', 'busy round: the w
 ok( $primary->poll_query_until('portfolio',
 		"SELECT state || '|' || wait_event_type || '|' || query FROM pg_stat_activity WHERE pid = $pid",
 		'active|Lock|consistency_manager: applying changes'),
-	"busy round: the worker's cycle is applying changes (pg_stat_activity), waiting for the account row");
+	"busy round: the worker's cycle is applying changes (pg_stat_activity), waiting for the transaction row");
 $primary->wait_for_catchup($standby);
 my $shipped = $standby->safe_psql('portfolio',
 	"SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '$lsn_before')");
