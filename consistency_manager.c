@@ -230,7 +230,9 @@ run_one_cycle(MemoryContext cxt, char **message, int *sqlerrcode, CmCycleResult 
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
 		PushActiveSnapshot(GetTransactionSnapshot());
+		cm_cycle_deadline_start();
 		cm_run_cycle(false, "worker", r);
+		cm_cycle_deadline_stop();
 		PopActiveSnapshot();
 		CommitTransactionCommand();
 	}
@@ -238,15 +240,24 @@ run_one_cycle(MemoryContext cxt, char **message, int *sqlerrcode, CmCycleResult 
 	{
 		ErrorData  *edata;
 
+		cm_cycle_deadline_stop();
+		cm_remote_read_end();
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
 		*message = edata->message ? edata->message : pstrdup("unknown error");
 		*sqlerrcode = edata->sqlerrcode;
+		if (cm_cycle_deadline_expired())
+		{
+			*message = psprintf("cycle exceeded consistency_manager.cycle_timeout (%d ms) and was ended: %s",
+								cm_cycle_timeout, *message);
+			*sqlerrcode = ERRCODE_QUERY_CANCELED;
+		}
 		ok = false;
 	}
 	PG_END_TRY();
+	cm_remote_check_exit();
 	return ok;
 }
 
@@ -281,7 +292,7 @@ cm_worker_main(Datum main_arg)
 	int			failures = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
+	pqsignal(SIGTERM, cm_worker_sigterm);
 	BackgroundWorkerUnblockSignals();
 
 	cm_in_worker = true;
@@ -299,6 +310,7 @@ cm_worker_main(Datum main_arg)
 	SetConfigOption("application_name", CM_NAME, PGC_USERSET, PGC_S_SESSION);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_USERSET, PGC_S_SESSION);
 	pgstat_report_appname(CM_NAME);
+	cm_remote_init_worker();
 
 	ereport(LOG,
 			(errmsg("consistency_manager worker started in database \"%s\"", cm_database)));

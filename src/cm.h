@@ -40,6 +40,7 @@ extern int	cm_lookback_window;
 extern int	cm_max_backoff;
 extern int	cm_history_retention;
 extern char *cm_portfolio_schema;
+extern int	cm_cycle_timeout;
 
 extern void cm_define_gucs(void);
 
@@ -85,6 +86,16 @@ extern Oid	cm_target_relid(const char *relname, bool missing_ok);
 extern bool cm_lock_cycle(bool wait);
 extern char *cm_installed_version(void);
 extern void cm_check_schema_version(void);
+
+/* Bounded, interruptible remote waits in the worker (remote.c). */
+extern void cm_worker_sigterm(SIGNAL_ARGS);
+extern void cm_remote_init_worker(void);
+extern void cm_cycle_deadline_start(void);
+extern void cm_cycle_deadline_stop(void);
+extern bool cm_cycle_deadline_expired(void);
+extern void cm_remote_read_begin(void);
+extern void cm_remote_read_end(void);
+extern void cm_remote_check_exit(void);
 
 /* Shared-memory statistics (stats.c). */
 extern void cm_stats_cycle_start(void);

@@ -65,6 +65,7 @@ typedef struct Source
 	char	   *table_name;
 	char	   *layout;
 	char	   *account_column;
+	char	   *server_name;
 	bool		has_watermark;
 	TimestampTz watermark;
 	Oid			relid;
@@ -343,6 +344,7 @@ read_sources(int *count)
 		s->relid = DatumGetObjectId(SPI_getbinval(tup, desc, 7, &isnull));
 		if (isnull)
 			s->relid = InvalidOid;
+		s->server_name = SPI_getvalue(tup, desc, 8);
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return sources;
@@ -444,7 +446,13 @@ stage_source(Source *src, CmCycleResult *result)
 							 GUC_ACTION_SAVE, true, 0, false);
 
 	stage = get_stage_plan(src);
-	cm_report_phase("consistency_manager: reading queue-db");
+
+	/*
+	 * The phase names the source and its server: cm_health() reads it from
+	 * pg_stat_activity to say which server a long wait is for.
+	 */
+	cm_report_phase(psprintf("consistency_manager: reading queue-db (source %d, server %s)",
+							 src->source_id, src->server_name));
 	for (;;)
 	{
 		HeapTuple	tup;
@@ -684,11 +692,13 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	deltas = read_deltas();
 	sources = read_sources(&nsources);
 	/* every remote read first, before any lock in portfolio-db */
+	cm_remote_read_begin();
 	for (i = 0; i < nsources; i++)
 	{
 		stage_source(&sources[i], result);
 		result->sources++;
 	}
+	cm_remote_read_end();
 	apply_with_retry(sources, nsources, deltas, result);
 	run_plan(clear_stage_plan, NULL, NULL, SPI_OK_UTILITY);
 

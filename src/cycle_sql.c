@@ -456,7 +456,8 @@ const char *cm_sql_move_stage =
 const char *cm_sql_sources =
 	"SELECT s.source_id, s.table_schema::text, s.table_name::text, s.layout,"
 	"       s.account_column::text, s.watermark,"
-	"       to_regclass(quote_ident(s.table_schema) || '.' || quote_ident(s.table_name))::oid"
+	"       to_regclass(quote_ident(s.table_schema) || '.' || quote_ident(s.table_name))::oid,"
+	"       s.server_name::text"
 	"  FROM cm.source s WHERE s.enabled ORDER BY s.source_id";
 
 /* Pool and market value of each tier; cycle.c turns them into deltas. */

@@ -23,6 +23,7 @@ int			cm_batch_size = 10000;
 int			cm_lookback_window = 120000;
 int			cm_max_backoff = 300000;
 int			cm_history_retention = 7 * 24 * 3600;
+int			cm_cycle_timeout = 600000;
 char	   *cm_portfolio_schema = NULL;
 
 /*
@@ -115,6 +116,16 @@ cm_define_gucs(void)
 							7 * 24 * 3600, 0, PG_INT32_MAX,
 							PGC_SIGHUP,
 							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.cycle_timeout",
+							"Longest time one cycle of the background worker may take.",
+							"A cycle still running then is ended, remote waits included, "
+							"and retried with back-off.  0 disables the limit.",
+							&cm_cycle_timeout,
+							600000, 0, PG_INT32_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
 	DefineCustomStringVariable("consistency_manager.portfolio_schema",

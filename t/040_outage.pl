@@ -68,7 +68,7 @@ ok( $node->poll_query_until('portfolio', 'SELECT worker_state FROM cm_stats()', 
 my ($healthy, $detail) = split /\|/,
   $node->safe_psql('portfolio', 'SELECT healthy, detail FROM cm_health()'), 2;
 is($healthy, 'f', 'queue-db down: cm_health() is not healthy');
-like($detail, qr/unreachable/, 'queue-db down: cm_health() says why');
+like($detail, qr/cycles failed: could not connect to server "queue_server"/, 'queue-db down: cm_health() says why');
 ok( $node->safe_psql('portfolio',
 		'SELECT count(*) FROM cm.cycle_history WHERE error IS NOT NULL') > 0,
 	'queue-db down: failed cycles are recorded in cm.cycle_history');

@@ -236,6 +236,11 @@ for my $src (@sources)
 ############################################################################
 
 $queue->stop;
+# cm_health() opens no connection to queue-db: it reports what the worker's
+# last cycle met, so let one cycle meet the outage
+$node->safe_psql('portfolio', 'SELECT cm_wake()');
+ok($node->poll_query_until('portfolio', 'SELECT queue_reachable FROM cm_health()', 'f'),
+	'queue-db down: the next cycle fails and cm_health() says so');
 @samples = samples(scrape());
 is(value(\@samples, 'consistency_manager_healthy'), '0', 'queue-db down: consistency_manager_healthy is 0');
 is(value(\@samples, 'consistency_manager_queue_reachable'), '0', 'queue-db down: consistency_manager_queue_reachable is 0');

@@ -1,0 +1,55 @@
+/*
+ * cm_health() answers at once, whatever state queue-db is in: it opens no
+ * remote connection.  It reads the worker's state from shared memory
+ * (cm_stats()) and what the worker is doing now from pg_stat_activity,
+ * where the cycle names the source and server it is reading.
+ */
+
+CREATE OR REPLACE FUNCTION @extschema@.cm_health(
+        OUT healthy boolean, OUT worker_running boolean, OUT queue_reachable boolean, OUT detail text)
+    RETURNS record
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    st       record;
+    waiting  record;
+    problems text[] := '{}';
+BEGIN
+    SELECT * INTO st FROM @extschema@.cm_stats();
+    worker_running := st.worker_pid IS NOT NULL;
+    queue_reachable := true;
+
+    IF NOT worker_running THEN
+        problems := problems || format('worker not running (%s)', st.worker_state);
+    ELSE
+        -- a read of queue-db that has not answered for a while
+        SELECT a.query, now() - a.query_start AS waited INTO waiting
+          FROM pg_catalog.pg_stat_activity a
+         WHERE a.pid = st.worker_pid
+           AND a.query LIKE 'consistency_manager: reading queue-db%'
+           AND a.state = 'active'
+           AND a.query_start < now() - interval '10 s';
+        IF FOUND THEN
+            queue_reachable := false;
+            problems := problems || format('the worker has waited %s s for queue-db: %s',
+                                           round(extract(epoch FROM waiting.waited)),
+                                           substr(waiting.query, length('consistency_manager: reading queue-db ') + 1));
+        END IF;
+        IF st.consecutive_failures > 0 THEN
+            problems := problems || format('last %s cycles failed: %s', st.consecutive_failures, st.last_error);
+            IF st.last_error ~* '(could not connect|connection to server|server closed the connection|cycle_timeout)' THEN
+                queue_reachable := false;
+            END IF;
+        END IF;
+    END IF;
+
+    IF NOT EXISTS (SELECT 1 FROM cm.source WHERE enabled) THEN
+        problems := problems || 'no enabled source: attach one with cm_attach_queue()'::text;
+    END IF;
+
+    healthy := cardinality(problems) = 0;
+    detail := CASE WHEN healthy THEN 'ok' ELSE array_to_string(problems, '; ') END;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.cm_health() IS 'whether the worker runs, whether its reads of queue-db succeed, and why not; answers from shared memory and pg_stat_activity, without connecting to queue-db';
