@@ -71,7 +71,7 @@ extern char *cm_sql_stage_page(const char *foreign_table, const char *account_co
 extern char *cm_sql_process(const char *portfolios, const char *transactions,
 							Oid portfolios_oid, Oid transactions_oid);
 extern char *cm_sql_apply_accounts(const char *portfolios, bool set_updated_at);
-extern char *cm_sql_lock_accounts(const char *portfolios);
+extern char *cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid);
 extern const char *cm_sql_move_stage;
 extern const char *cm_sql_clear_stage;
 extern const char *cm_sql_stage_dead_letters;

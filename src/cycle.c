@@ -72,6 +72,18 @@ typedef struct Source
 	int64		staged[2];		/* rows staged: [0] dead letters, [1] read */
 } Source;
 
+/*
+ * Accounts whose new values would not fit their columns, found by the
+ * cycle's last step; the local phase is redone with their effects
+ * dead-lettered.  Two parallel text[] for the processing statement.
+ */
+typedef struct Poison
+{
+	Datum		accounts;		/* text[] */
+	Datum		reasons;		/* text[] */
+	int			count;
+} Poison;
+
 static StagePlan *stage_plans = NULL;
 static int	n_stage_plans = 0;
 static int	max_stage_plans = 0;
@@ -184,7 +196,7 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 {
 	Oid			portfolios = cm_target_relid("user_portfolios", false);
 	Oid			transactions = cm_target_relid("portfolio_transactions", false);
-	Oid			argtypes[2] = {INT4OID, NUMERICARRAYOID};
+	Oid			argtypes[4] = {INT4OID, NUMERICARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
 	char	   *portfolios_name;
 	char	   *transactions_name;
 
@@ -206,11 +218,11 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 													   get_rel_name(transactions));
 		process_plan = prepare_kept(cm_sql_process(portfolios_name, transactions_name,
 												   portfolios, transactions),
-									2, argtypes, CURSOR_OPT_CUSTOM_PLAN);
+									4, argtypes, CURSOR_OPT_CUSTOM_PLAN);
 		accounts_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
 														   get_attnum(portfolios, "updated_at") != InvalidAttrNumber),
 									 0, NULL, 0);
-		lock_plan = prepare_kept(cm_sql_lock_accounts(portfolios_name), 0, NULL, 0);
+		lock_plan = prepare_kept(cm_sql_lock_accounts(portfolios_name, portfolios), 0, NULL, 0);
 		process_plan_targets[0] = portfolios;
 		process_plan_targets[1] = transactions;
 	}
@@ -352,15 +364,17 @@ read_sources(int *count)
 
 /*
  * process_batch
- *		Run the processing statement over what is staged for a source, add
- *		its counts to the result, and empty the batch.
+ *		Run the processing statement over the batch of a source, add its
+ *		counts to the result, and empty the batch.  The accounts are written
+ *		at the end of the cycle, from the factors it left in
+ *		cm.batch_account.
  *
  * Returns the newest updated_at among the staged rows (0 when none).
  */
 static TimestampTz
-process_batch(int32 source_id, Datum deltas, CmCycleResult *result)
+process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult *result)
 {
-	Datum		values[2];
+	Datum		values[4];
 	HeapTuple	tup;
 	TupleDesc	desc;
 	bool		isnull;
@@ -370,6 +384,8 @@ process_batch(int32 source_id, Datum deltas, CmCycleResult *result)
 
 	values[0] = Int32GetDatum(source_id);
 	values[1] = deltas;
+	values[2] = poison->accounts;
+	values[3] = poison->reasons;
 	cm_report_phase("consistency_manager: applying changes");
 	run_plan(get_process_plan(&accounts, &lock), values, NULL, SPI_OK_SELECT);
 
@@ -386,7 +402,6 @@ process_batch(int32 source_id, Datum deltas, CmCycleResult *result)
 	result->adopted += DatumGetInt64(SPI_getbinval(tup, desc, 8, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 
-	run_plan(accounts, NULL, NULL, SPI_OK_UPDATE);
 	run_plan(clear_plan, NULL, NULL, SPI_OK_UTILITY);
 	return newest;
 }
@@ -484,25 +499,25 @@ stage_source(Source *src, CmCycleResult *result)
 
 /*
  * apply_staged
- *		The local phase of a cycle: lock the accounts the staged rows may
- *		change (in key order), then process each source's dead letters and
- *		new rows, write the accounts, and advance the watermarks.
+ *		The local phase of a cycle: process each source's dead letters and
+ *		new rows, advance the watermarks, then lock the accounts the cycle
+ *		changes (in key order) and write them.
  *
  * Runs after every remote read, so no lock taken here is ever held while
- * the cycle waits for queue-db.
+ * the cycle waits for queue-db, and the account locks are taken last, for
+ * one short step.  Returns false, with the accounts in *poison, when some
+ * account's new value would not fit its column: the caller then redoes
+ * this phase with those accounts' effects dead-lettered.
  */
-static void
-apply_staged(Source *sources, int nsources, Datum deltas, CmCycleResult *result)
+static bool
+apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
+			 MemoryContext poison_cxt, CmCycleResult *result)
 {
 	SPIPlanPtr	accounts;
 	SPIPlanPtr	lock;
 	int			i;
 	int			pass;
-
-	(void) get_process_plan(&accounts, &lock);
-	cm_report_phase("consistency_manager: locking accounts");
-	run_plan(lock, NULL, NULL, SPI_OK_SELECT);
-	SPI_freetuptable(SPI_tuptable);
+	uint64		n;
 
 	for (i = 0; i < nsources; i++)
 	{
@@ -518,7 +533,7 @@ apply_staged(Source *sources, int nsources, Datum deltas, CmCycleResult *result)
 			values[0] = Int32GetDatum(src->source_id);
 			values[1] = Int16GetDatum((int16) pass);
 			run_plan(move_plan, values, NULL, SPI_OK_INSERT);
-			newest = process_batch(src->source_id, deltas, result);
+			newest = process_batch(src->source_id, deltas, poison, result);
 			if (pass == 1)
 			{
 				Datum		fvalues[2];
@@ -529,6 +544,53 @@ apply_staged(Source *sources, int nsources, Datum deltas, CmCycleResult *result)
 			}
 		}
 	}
+
+	(void) get_process_plan(&accounts, &lock);
+	cm_report_phase("consistency_manager: locking accounts");
+	run_plan(lock, NULL, NULL, SPI_OK_SELECT);
+	n = SPI_processed;
+	if (n > 0)
+	{
+		MemoryContext old = MemoryContextSwitchTo(poison_cxt);
+		Datum	   *a = palloc((poison->count + n) * sizeof(Datum));
+		Datum	   *r = palloc((poison->count + n) * sizeof(Datum));
+		int			k = 0;
+		uint64		j;
+
+		if (poison->count > 0)
+		{
+			Datum	   *pa;
+			Datum	   *pr;
+			int			cnt;
+
+			deconstruct_array(DatumGetArrayTypeP(poison->accounts), TEXTOID, -1, false,
+							  TYPALIGN_INT, &pa, NULL, &cnt);
+			deconstruct_array(DatumGetArrayTypeP(poison->reasons), TEXTOID, -1, false,
+							  TYPALIGN_INT, &pr, NULL, &cnt);
+			for (k = 0; k < cnt; k++)
+			{
+				a[k] = pa[k];
+				r[k] = pr[k];
+			}
+		}
+		for (j = 0; j < n; j++)
+		{
+			a[k] = CStringGetTextDatum(SPI_getvalue(SPI_tuptable->vals[j], SPI_tuptable->tupdesc, 1));
+			r[k] = CStringGetTextDatum(SPI_getvalue(SPI_tuptable->vals[j], SPI_tuptable->tupdesc, 2));
+			k++;
+		}
+		poison->accounts = PointerGetDatum(construct_array(a, k, TEXTOID, -1, false, TYPALIGN_INT));
+		poison->reasons = PointerGetDatum(construct_array(r, k, TEXTOID, -1, false, TYPALIGN_INT));
+		poison->count = k;
+		MemoryContextSwitchTo(old);
+		SPI_freetuptable(SPI_tuptable);
+		return false;
+	}
+	SPI_freetuptable(SPI_tuptable);
+
+	cm_report_phase("consistency_manager: writing accounts");
+	run_plan(accounts, NULL, NULL, SPI_OK_UPDATE);
+	return true;
 }
 
 /*
@@ -548,8 +610,9 @@ retryable_error(int sqlerrcode)
 /*
  * apply_with_retry
  *		apply_staged in a subtransaction, retried at once (up to
- *		CM_LOCK_RETRIES times) when it loses a deadlock or a lock wait;
- *		what was read from queue-db stays staged across the retries.
+ *		CM_LOCK_RETRIES times) when it loses a deadlock or a lock wait, and
+ *		redone when an account would overflow (with that account's effects
+ *		dead-lettered); what was read from queue-db stays staged throughout.
  *
  * While it runs, deadlock_timeout is CM_DEADLOCK_TIMEOUT, so that in a
  * deadlock with the application the cycle is the side that gives way.
@@ -561,14 +624,19 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
 	CmCycleResult saved = *result;
+	Poison		poison;
 	int			save_nestlevel;
-	int			attempt;
+	volatile int attempt = 0;
+
+	poison.accounts = PointerGetDatum(construct_empty_array(TEXTOID));
+	poison.reasons = PointerGetDatum(construct_empty_array(TEXTOID));
+	poison.count = 0;
 
 	save_nestlevel = NewGUCNestLevel();
 	(void) set_config_option("deadlock_timeout", CM_DEADLOCK_TIMEOUT, PGC_SUSET,
 							 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
 
-	for (attempt = 0;; attempt++)
+	for (;;)
 	{
 		volatile bool done = false;
 
@@ -576,11 +644,19 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 		MemoryContextSwitchTo(oldcxt);
 		PG_TRY();
 		{
-			apply_staged(sources, nsources, deltas, result);
-			ReleaseCurrentSubTransaction();
+			if (apply_staged(sources, nsources, deltas, &poison, oldcxt, result))
+			{
+				ReleaseCurrentSubTransaction();
+				done = true;
+			}
+			else
+			{
+				/* an account would overflow: redo without its effects */
+				RollbackAndReleaseCurrentSubTransaction();
+				*result = saved;
+			}
 			MemoryContextSwitchTo(oldcxt);
 			CurrentResourceOwner = oldowner;
-			done = true;
 		}
 		PG_CATCH();
 		{
@@ -595,18 +671,20 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 			MemoryContextSwitchTo(oldcxt);
 			CurrentResourceOwner = oldowner;
 
+			attempt++;
 			*result = saved;
-			result->lock_retries = saved.lock_retries + attempt + 1;
+			result->lock_retries = saved.lock_retries + attempt;
 			ereport(LOG,
 					(errmsg("consistency_manager cycle retries its local phase: %s", edata->message),
 					 errdetail("Attempt %d of %d; what was read from queue-db is reused.",
-							   attempt + 2, CM_LOCK_RETRIES + 1)));
+							   attempt + 1, CM_LOCK_RETRIES + 1)));
 			FreeErrorData(edata);
 		}
 		PG_END_TRY();
 		if (done)
 			break;
 	}
+	result->lock_retries = saved.lock_retries + attempt;
 	AtEOXact_GUC(true, save_nestlevel);
 }
 

@@ -86,7 +86,9 @@ const char *cm_sql_stage_dead_letters =
 /*
  * Process the staged rows of one source.
  *
- *	$1 source_id, $2 the three tier deltas taken at the start of the cycle.
+ *	$1 source_id, $2 the three tier deltas taken at the start of the cycle,
+ *	$3 and $4 accounts whose new values would not fit their columns and why
+ *	(found by cm_sql_lock_accounts; their effects are dead-lettered).
  *	%1$s user_portfolios, %2$s portfolio_transactions (quoted, qualified),
  *	%3$u and %4$u their OIDs.
  *
@@ -98,11 +100,10 @@ const char *cm_sql_stage_dead_letters =
  *		  (apply/compensate) and, for rows that would act, why it cannot; a
  *		  uuid the ledger holds for another source or type is a conflict;
  *	a	  per account, the product of the factors of its effects;
- *	n	  per account, the new rounded tier values, and why they would not
- *		  fit their columns;
  *	f	  the rows with their final verdict (why is NULL: apply it);
- *	dl, undl, tx, li, lu   the writes; pa keeps the new account values in
- *		  cm.batch_account for cm_sql_apply_accounts.
+ *	dl, undl, tx, li, lu   the writes; pa adds the factors of each account
+ *		  to cm.batch_account, applied at the end of the cycle by
+ *		  cm_sql_apply_accounts.
  *
  * A row that was already applied (same) or is older than what was applied
  * (stale) is a no-op, which is what makes a re-read harmless.  The writing
@@ -157,6 +158,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         prior.applied AS l_applied,"
 		"         l.factor1 AS l_f1, l.factor2 AS l_f2, l.factor3 AS l_f3,"
 		"         l.updated_at AS l_updated_at, l.status AS l_status,"
+		"         poison.reason AS poison_reason,"
 		"         CASE WHEN b.status = 'COMPLETED' AND NOT prior.applied THEN 'apply'"
 		"              WHEN b.status IS DISTINCT FROM 'COMPLETED' AND prior.applied"
 		"                   THEN 'compensate' END AS effect"
@@ -165,6 +167,8 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"    LEFT JOIN cm.status_map m ON m.queue_status = b.status"
 		"    LEFT JOIN %1$s p ON p.accountid = b.accountid"
 		"    LEFT JOIN cm.ledger l ON l.uuid = cm.try_uuid(b.uuid)"
+		"    LEFT JOIN unnest($3::text[], $4::text[]) AS poison(accountid, reason)"
+		"           ON poison.accountid = b.accountid"
 		/*
 		 * A request the ledger does not know but portfolio_transactions
 		 * already holds (written by the service this extension replaces, by
@@ -220,6 +224,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"                      %4$u::oid::regclass, x.accountid)"
 		"          WHEN x.effect = 'compensate' AND 0 IN (x.l_f1, x.l_f2, x.l_f3) THEN"
 		"               'cannot compensate: its completion multiplied a tier by 0 (a delta of -100%%)'"
+		"          WHEN x.effect IS NOT NULL AND x.poison_reason IS NOT NULL THEN x.poison_reason"
 		"         END AS reason"
 		"    FROM (SELECT x.*,"
 		"                 CASE WHEN NOT x.in_ledger THEN 'new'"
@@ -247,35 +252,6 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"   WHERE c.act AND c.reason IS NULL AND c.effect IS NOT NULL"
 		"   GROUP BY c.accountid"
 		"),"
-		" y AS ("
-		"  SELECT p.accountid,"
-		"         cm.round_to(p.tier1_value * a.iv1, k.vs1) AS v1,"
-		"         cm.round_to(p.tier2_value * a.iv2, k.vs2) AS v2,"
-		"         cm.round_to(p.tier3_value * a.iv3, k.vs3) AS v3,"
-		"         cm.round_to(p.tier1_allocation * a.wd1, k.as1) AS a1,"
-		"         cm.round_to(p.tier2_allocation * a.wd2, k.as2) AS a2,"
-		"         cm.round_to(p.tier3_allocation * a.wd3, k.as3) AS a3,"
-		"         k.vl1, k.vl2, k.vl3, k.vl4, k.al1, k.al2, k.al3, k.al4"
-		"    FROM a"
-		"    JOIN %1$s p ON p.accountid = a.accountid"
-		"   CROSS JOIN cols k"
-		"),"
-		" n AS MATERIALIZED ("
-		"  SELECT y.accountid, y.v1, y.v2, y.v3, y.a1, y.a2, y.a3,"
-		"         CASE"
-		"          WHEN abs(y.v1) >= y.vl1 THEN format('tier 1 value %%s would not fit %%s.tier1_value', y.v1, %3$u::oid::regclass)"
-		"          WHEN abs(y.v2) >= y.vl2 THEN format('tier 2 value %%s would not fit %%s.tier2_value', y.v2, %3$u::oid::regclass)"
-		"          WHEN abs(y.v3) >= y.vl3 THEN format('tier 3 value %%s would not fit %%s.tier3_value', y.v3, %3$u::oid::regclass)"
-		"          WHEN abs(y.v1 + y.v2 + y.v3) >= y.vl4 THEN"
-		"               format('total value %%s would not fit %%s.total_value', y.v1 + y.v2 + y.v3, %3$u::oid::regclass)"
-		"          WHEN abs(y.a1) >= y.al1 THEN format('tier 1 allocation %%s would not fit %%s.tier1_allocation', y.a1, %3$u::oid::regclass)"
-		"          WHEN abs(y.a2) >= y.al2 THEN format('tier 2 allocation %%s would not fit %%s.tier2_allocation', y.a2, %3$u::oid::regclass)"
-		"          WHEN abs(y.a3) >= y.al3 THEN format('tier 3 allocation %%s would not fit %%s.tier3_allocation', y.a3, %3$u::oid::regclass)"
-		"          WHEN abs(y.a1 + y.a2 + y.a3) >= y.al4 THEN"
-		"               format('total allocation %%s would not fit %%s.total_allocation', y.a1 + y.a2 + y.a3, %3$u::oid::regclass)"
-		"         END AS overflow"
-		"    FROM y"
-		"),"
 		" f AS MATERIALIZED ("
 		"  SELECT c.queue_id, c.uuid_text, c.id, c.accountid, c.transaction_type,"
 		"         c.tier_1, c.tier_2, c.tier_3, c.status, c.created_at, c.updated_at,"
@@ -284,11 +260,9 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         CASE c.kind WHEN 'INVEST' THEN 1 ELSE -1 END AS sgn,"
 		"         CASE WHEN c.effect = 'apply' AND c.kind = 'INVEST' THEN ARRAY[1 + $2[1], 1 + $2[2], 1 + $2[3]]"
 		"              WHEN c.effect = 'apply' THEN ARRAY[1 - $2[1], 1 - $2[2], 1 - $2[3]] END AS factors,"
-		"         coalesce(c.reason, n.overflow) AS why,"
+		"         c.reason AS why,"
 		"         d0.queue_id IS NULL AS fresh"
 		"    FROM c"
-		"    LEFT JOIN n ON n.accountid = c.accountid AND c.act AND c.effect IS NOT NULL"
-		"                   AND c.reason IS NULL AND n.overflow IS NOT NULL"
 		"    LEFT JOIN cm.dead_letter d0 ON d0.source_id = $1 AND d0.queue_id = c.queue_id"
 		"),"
 		" dl AS ("
@@ -327,8 +301,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"                                vs1, vs2, vs3, as1, as2, as3)"
 		"  SELECT a.accountid, a.iv1, a.iv2, a.iv3, a.wd1, a.wd2, a.wd3,"
 		"         k.vs1, k.vs2, k.vs3, k.as1, k.as2, k.as3"
-		"    FROM a JOIN n ON n.accountid = a.accountid AND n.overflow IS NULL"
-		"   CROSS JOIN cols k"
+		"    FROM a CROSS JOIN cols k"
 		"),"
 		" li AS ("
 		"  INSERT INTO cm.ledger (uuid, source_id, queue_id, kind, accountid, status, updated_at,"
@@ -364,20 +337,108 @@ cm_sql_process(const char *portfolios, const char *transactions,
 }
 
 /*
- * Apply the factors the processing statement left in cm.batch_account to
- * the accounts.  %1$s user_portfolios; with set_updated_at, its
- * updated_at column is set too (applications use it to detect changes).
+ * The factors of every account the cycle changes, as one row per account:
+ * cm.batch_account holds one row per account and processed batch (a
+ * source's dead letters, its new rows, the next source...), and factors
+ * compose by multiplication.
+ */
+#define ACCOUNT_FACTORS \
+	"SELECT f.accountid,\n" \
+	"       cm.product(f.iv1) AS iv1, cm.product(f.iv2) AS iv2, cm.product(f.iv3) AS iv3,\n" \
+	"       cm.product(f.wd1) AS wd1, cm.product(f.wd2) AS wd2, cm.product(f.wd3) AS wd3,\n" \
+	"       max(f.vs1) AS vs1, max(f.vs2) AS vs2, max(f.vs3) AS vs3,\n" \
+	"       max(f.as1) AS as1, max(f.as2) AS as2, max(f.as3) AS as3\n" \
+	"  FROM cm.batch_account f\n" \
+	" GROUP BY f.accountid"
+
+/*
+ * The cycle's last step, part one: lock, in key order, every account the
+ * cycle changes, and say which would get a value its column cannot hold.
+ * %1$s user_portfolios (quoted, qualified), %2$u its OID.
  *
- * Each new value is computed from the row being updated, under its row
- * lock (tier1_value := round(tier1_value * factor, scale), the totals the
- * sums of the rounded tiers): a change the application committed since the
- * cycle read the account is kept, and the cycle's effect composes with it.
- * The accounts were locked in key order before the processing statement
- * (cm_sql_lock_accounts), so the values it checked for overflow are these.
+ * Everything else of the cycle is done by then (read from queue-db,
+ * transactions, ledger, dead letters), so the locks are held only for this
+ * step and the UPDATE after it.  Taken in one order, they never deadlock
+ * with another cycle or an application that locks accounts by key.  FOR
+ * NO KEY UPDATE is the lock the UPDATE itself takes; it does not block the
+ * application's inserts of transactions that reference the account.
  *
- * A statement of its own, run after the processing statement: the foreign
+ * The new values are computed from the locked rows, the very values the
+ * UPDATE will read.  An account whose new value would not fit (returned
+ * with the reason) makes the cycle redo its local phase with that account's
+ * effects dead-lettered; the common case returns no row.
+ */
+char *
+cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid)
+{
+	return psprintf(
+		"WITH limits AS MATERIALIZED (\n"
+		"  SELECT max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attname = 'tier1_value') AS vl1,\n"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attname = 'tier2_value') AS vl2,\n"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attname = 'tier3_value') AS vl3,\n"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attname = 'total_value') AS vl4,\n"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attname = 'tier1_allocation') AS al1,\n"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attname = 'tier2_allocation') AS al2,\n"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attname = 'tier3_allocation') AS al3,\n"
+		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attname = 'total_allocation') AS al4\n"
+		"    FROM pg_catalog.pg_attribute a\n"
+		"   WHERE a.attrelid = %2$u AND a.attnum > 0 AND NOT a.attisdropped\n"
+		"),\n"
+		"account_factor AS MATERIALIZED (\n"
+		ACCOUNT_FACTORS "\n"
+		"),\n"
+		"locked AS MATERIALIZED (\n"
+		"  SELECT p.accountid, p.tier1_value, p.tier2_value, p.tier3_value,\n"
+		"         p.tier1_allocation, p.tier2_allocation, p.tier3_allocation\n"
+		"    FROM %1$s p\n"
+		"   WHERE p.accountid IN (SELECT accountid FROM account_factor)\n"
+		"   ORDER BY p.accountid\n"
+		"     FOR NO KEY UPDATE OF p\n"
+		"),\n"
+		"new_value AS (\n"
+		"  SELECT l.accountid,\n"
+		"         cm.round_to(l.tier1_value * f.iv1, f.vs1) AS v1,\n"
+		"         cm.round_to(l.tier2_value * f.iv2, f.vs2) AS v2,\n"
+		"         cm.round_to(l.tier3_value * f.iv3, f.vs3) AS v3,\n"
+		"         cm.round_to(l.tier1_allocation * f.wd1, f.as1) AS a1,\n"
+		"         cm.round_to(l.tier2_allocation * f.wd2, f.as2) AS a2,\n"
+		"         cm.round_to(l.tier3_allocation * f.wd3, f.as3) AS a3\n"
+		"    FROM locked l JOIN account_factor f ON f.accountid = l.accountid\n"
+		"),\n"
+		"verdict AS (\n"
+		"  SELECT n.accountid,\n"
+		"         CASE\n"
+		"          WHEN abs(n.v1) >= k.vl1 THEN format('tier 1 value %%s would not fit %%s.tier1_value', n.v1, %2$u::oid::regclass)\n"
+		"          WHEN abs(n.v2) >= k.vl2 THEN format('tier 2 value %%s would not fit %%s.tier2_value', n.v2, %2$u::oid::regclass)\n"
+		"          WHEN abs(n.v3) >= k.vl3 THEN format('tier 3 value %%s would not fit %%s.tier3_value', n.v3, %2$u::oid::regclass)\n"
+		"          WHEN abs(n.v1 + n.v2 + n.v3) >= k.vl4 THEN\n"
+		"               format('total value %%s would not fit %%s.total_value', n.v1 + n.v2 + n.v3, %2$u::oid::regclass)\n"
+		"          WHEN abs(n.a1) >= k.al1 THEN format('tier 1 allocation %%s would not fit %%s.tier1_allocation', n.a1, %2$u::oid::regclass)\n"
+		"          WHEN abs(n.a2) >= k.al2 THEN format('tier 2 allocation %%s would not fit %%s.tier2_allocation', n.a2, %2$u::oid::regclass)\n"
+		"          WHEN abs(n.a3) >= k.al3 THEN format('tier 3 allocation %%s would not fit %%s.tier3_allocation', n.a3, %2$u::oid::regclass)\n"
+		"          WHEN abs(n.a1 + n.a2 + n.a3) >= k.al4 THEN\n"
+		"               format('total allocation %%s would not fit %%s.total_allocation', n.a1 + n.a2 + n.a3, %2$u::oid::regclass)\n"
+		"         END AS overflow\n"
+		"    FROM new_value n CROSS JOIN limits k\n"
+		")\n"
+		"SELECT v.accountid, v.overflow FROM verdict v WHERE v.overflow IS NOT NULL",
+		portfolios, portfolios_oid);
+}
+
+/*
+ * The cycle's last step, part two: apply each account's factors to the row
+ * it updates.  %1$s user_portfolios; with set_updated_at, its updated_at
+ * column is set too (applications use it to detect changes).
+ *
+ * Each new value is computed from the row being updated, under the lock
+ * cm_sql_lock_accounts took (tier1_value := round(tier1_value * factor,
+ * scale), the totals the sums of the rounded tiers): a change the
+ * application committed before is kept, and the cycle's effect composes
+ * with it.
+ *
+ * A statement of its own, run after the processing statements: the foreign
  * key checks of the portfolio_transactions rows inserted there lock their
- * accounts FOR KEY SHARE at the end of that statement, and locking rows the
+ * accounts FOR KEY SHARE at the end of each statement, and locking rows the
  * same statement had already updated costs a MultiXact per check (20 times
  * slower than the whole insert on a 100k-row catch-up).
  */
@@ -398,41 +459,9 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at)
 		"       total_allocation = cm.round_to(p.tier1_allocation * n.wd1, n.as1)\n"
 		"                        + cm.round_to(p.tier2_allocation * n.wd2, n.as2)\n"
 		"                        + cm.round_to(p.tier3_allocation * n.wd3, n.as3)%2$s\n"
-		"  FROM cm.batch_account n\n"
+		"  FROM (" ACCOUNT_FACTORS ") n\n"
 		" WHERE p.accountid = n.accountid",
 		portfolios, set_updated_at ? ",\n       updated_at = now()" : "");
-}
-
-/*
- * Lock, in key order, every account a staged row may change.  %1$s
- * user_portfolios.
- *
- * Run once per cycle after every source was read (no remote wait follows)
- * and before any statement writes: the cycle's row locks are then taken in
- * one order, so two cycles, or a cycle and an application that locks
- * accounts by key, never deadlock; and the processing statement that
- * follows reads these accounts as they are committed now, with nobody able
- * to change them until the cycle commits.  A row may change its account
- * when its COMPLETED-ness differs from what the ledger has applied (a
- * superset: rows later dead-lettered are locked too).  FOR NO KEY UPDATE is
- * the lock the UPDATE itself takes; it does not block the application's
- * inserts of transactions that reference the account.
- */
-char *
-cm_sql_lock_accounts(const char *portfolios)
-{
-	return psprintf(
-		"SELECT count(*) AS locked_accounts\n"
-		"  FROM (SELECT 1\n"
-		"          FROM %1$s p\n"
-		"         WHERE p.accountid IN (SELECT s.accountid\n"
-		"                                 FROM cm.stage s\n"
-		"                                 LEFT JOIN cm.ledger l ON l.uuid = cm.try_uuid(s.uuid)\n"
-		"                                WHERE coalesce(s.status = 'COMPLETED', false)\n"
-		"                                      <> coalesce(l.applied, false))\n"
-		"         ORDER BY p.accountid\n"
-		"           FOR NO KEY UPDATE OF p) AS locked",
-		portfolios);
 }
 
 /*
@@ -469,11 +498,11 @@ const char *cm_sql_finish_source =
 	"UPDATE cm.source SET watermark = greatest(watermark, $2), last_synced_at = now()"
 	" WHERE source_id = $1";
 
-/* Empty the scratch table (its rows were only ever seen by this cycle). */
-const char *cm_sql_clear_batch = "TRUNCATE cm.batch, cm.batch_account";
+/* Empty the batch after it was processed (its rows were only ever seen by this cycle). */
+const char *cm_sql_clear_batch = "TRUNCATE cm.batch";
 
-/* Empty the staging table at the end of a cycle. */
-const char *cm_sql_clear_stage = "TRUNCATE cm.stage";
+/* Empty the staging tables at the end of a cycle. */
+const char *cm_sql_clear_stage = "TRUNCATE cm.stage, cm.batch_account";
 
 /* Record a cycle that did something, and prune what is past retention. */
 const char *cm_sql_history =

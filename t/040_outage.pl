@@ -105,7 +105,7 @@ ok( $node->poll_query_until('portfolio',
 		"SELECT wait_event_type FROM pg_stat_activity WHERE pid = $pid", 'Lock'),
 	"the worker's cycle waits for the account row");
 is($node->safe_psql('portfolio', "SELECT state || ': ' || query FROM pg_stat_activity WHERE pid = $pid"),
-	'active: consistency_manager: locking accounts',
+	'active: consistency_manager: applying changes',
 	'pg_stat_activity shows the phase of the running cycle');
 my $snap = portfolio_snapshot($node);
 
