@@ -52,6 +52,7 @@ use strict;
 use warnings;
 
 use Exporter 'import';
+use File::Basename qw(basename);
 use IPC::Run;
 use Math::BigInt;
 use PostgreSQL::Test::Cluster;
@@ -64,7 +65,7 @@ our @EXPORT = qw(
   add_requests set_status query_rows query_one
   queue_fingerprint wait_synced check_oracle portfolio_snapshot
   start_async finish_async close_bg stats wait_until
-  restart_with_preload
+  restart_with_preload release_install_path upgrade_package
 );
 
 my $fixtures = $ENV{CM_FIXTURES}
@@ -78,19 +79,22 @@ my @QUEUES = (
 
 =pod
 
-=item cm_node(name, conf => [lines], preload => 0|1, allows_streaming => 0|1)
+=item cm_node(name, conf => [lines], preload => 0|1, allows_streaming => 0|1, install_path => dir)
 
 A new, initialised (not started) node listening on 127.0.0.1 (postgres_fdw
 connects over TCP).  With preload => 1 (default), consistency_manager is in
 shared_preload_libraries with consistency_manager.database = 'portfolio'.
 With allows_streaming => 1 the node can have streaming standbys.
+With install_path (see release_install_path), the node runs the PostgreSQL
+binaries and extension files of that tree instead of the ones on PATH.
 
 =cut
 
 sub cm_node
 {
 	my ($name, %opt) = @_;
-	my $node = PostgreSQL::Test::Cluster->new($name);
+	my $node = PostgreSQL::Test::Cluster->new($name,
+		$opt{install_path} ? (install_path => $opt{install_path}) : ());
 	$node->init(allows_streaming => $opt{allows_streaming} // 0);
 	$node->append_conf('postgresql.conf', "listen_addresses = '127.0.0.1'");
 	$node->append_conf('postgresql.conf', "log_statement = none");
@@ -163,17 +167,19 @@ sub create_portfolio_db
 
 =pod
 
-=item setup_portfolio_db(node, queue_node)
+=item setup_portfolio_db(node, queue_node, version => 'x.y')
 
-Create database portfolio from the fixture, the extension, the foreign
-server over TCP to queue_node and a user mapping for the current (super)
-user, and attach the queue.  Returns the output of cm_attach_queue().
+Create database portfolio from the fixture, the extension (its default
+version, or the one given), the foreign server over TCP to queue_node and a
+user mapping for the current (super) user, and attach the queue.  Returns
+the output of cm_attach_queue().
 
 =cut
 
 sub setup_portfolio_db
 {
-	my ($node, $qnode) = @_;
+	my ($node, $qnode, %opt) = @_;
+	my $version = $opt{version} ? "VERSION '$opt{version}'" : '';
 	$qnode //= $node;
 	create_portfolio_db($node)
 	  unless $node->safe_psql('postgres', q{SELECT count(*) FROM pg_database WHERE datname = 'portfolio'});
@@ -181,7 +187,7 @@ sub setup_portfolio_db
 	my $port = $qnode->port;
 	$node->safe_psql(
 		'portfolio', qq{
-		CREATE EXTENSION consistency_manager CASCADE;
+		CREATE EXTENSION consistency_manager $version CASCADE;
 		CREATE SERVER queue_server FOREIGN DATA WRAPPER postgres_fdw
 			OPTIONS (host '127.0.0.1', port '$port', dbname 'queue');
 		CREATE USER MAPPING FOR "$user" SERVER queue_server OPTIONS (user '$user');
@@ -326,6 +332,68 @@ sub query_one
 {
 	my ($node, $db, $sql) = @_;
 	return scalar $node->safe_psql($db, $sql);
+}
+
+=pod
+
+=item release_install_path(version)
+
+A private copy, for this test alone, of the PostgreSQL tree that
+tools/test.sh prepared with a released version of the extension
+(CM_RELEASE_1_0_TREE), as the install_path of cm_node: the test may then
+upgrade that copy in place.
+
+=item upgrade_package(install_path)
+
+What a package upgrade does to a server's files: copy the library, its
+bitcode and the extension's control and script files of the build under
+test (CM_PG_TREE) into the tree of install_path.  Stop the node first.
+
+=cut
+
+my %RELEASE_TREE = ('1.0' => 'CM_RELEASE_1_0_TREE');
+
+# the lib and extension directories of a tree made by tools/cluster.sh
+sub _tree_dirs
+{
+	my ($root) = @_;
+	return ("$root/usr/lib/postgresql/15/lib", "$root/usr/share/postgresql/15/extension");
+}
+
+sub release_install_path
+{
+	my ($version) = @_;
+	my $var = $RELEASE_TREE{$version} or die "no released tree for version $version";
+	my $tree = $ENV{$var}
+	  or BAIL_OUT("$var is not set: run the suite with tools/test.sh tap, which builds release $version");
+	my $copy = "$PostgreSQL::Test::Utils::tmp_check/pg-$version-" . basename($0, '.pl');
+	system('rm', '-rf', $copy) == 0 or die "rm -rf $copy failed";
+	system('cp', '-a', $tree, $copy) == 0 or die "cp -a $tree $copy failed";
+	return "$copy/usr/lib/postgresql/15";
+}
+
+sub upgrade_package
+{
+	my ($install_path) = @_;
+	my $new = $ENV{CM_PG_TREE}
+	  or BAIL_OUT('CM_PG_TREE is not set: run the suite with tools/test.sh tap');
+	(my $root = $install_path) =~ s{/usr/lib/postgresql/15$}{}
+	  or die "unexpected install path $install_path";
+	my ($new_lib, $new_ext) = _tree_dirs($new);
+	my ($lib, $ext) = _tree_dirs($root);
+	my @files = (glob("$new_lib/consistency_manager.so"), glob("$new_ext/consistency_manager*"));
+	die "no consistency_manager build in $new" unless @files >= 3;
+	system('cp', '-a', "$new_lib/consistency_manager.so", "$lib/") == 0 or die 'copying the library failed';
+	system('cp', '-a', glob("$new_ext/consistency_manager*"), "$ext/") == 0
+	  or die 'copying the extension files failed';
+	if (-d "$new_lib/bitcode/consistency_manager")
+	{
+		system('rm', '-rf', "$lib/bitcode/consistency_manager") == 0 or die 'removing old bitcode failed';
+		system('cp', '-a', "$new_lib/bitcode/consistency_manager", "$new_lib/bitcode/consistency_manager.index.bc",
+			"$lib/bitcode/") == 0
+		  or die 'copying the bitcode failed';
+	}
+	return;
 }
 
 =pod

@@ -71,6 +71,31 @@ cm_pg_tree() {
 
 cm_tree_bin() { echo "$1/usr/lib/postgresql/15/bin"; }
 
+# cm_release_tree TREE COMMIT: a private PostgreSQL tree (cm_pg_tree) with
+# the extension as released at COMMIT built and installed into it, owned by
+# the postgres user, so that an upgrade test can run a node of the old
+# release and then copy a newer build's files into the tree (a package
+# upgrade).  COMMIT must be in this repository's history: a shallow clone
+# does not have it, and the upgrade tests cannot run without it.
+cm_release_tree() {
+    local tree=$1 commit=$2 src
+    if ! git -C "$CM_ROOT" cat-file -e "$commit^{commit}" 2>/dev/null; then
+        echo "ERROR: commit $commit (a released version the upgrade tests start from) is not in the history of $CM_ROOT" >&2
+        echo "HINT: fetch the full history (git fetch --unshallow), or clone without --depth" >&2
+        return 1
+    fi
+    src=$(mktemp -d /tmp/consistency_manager-release.XXXXXX)
+    git -C "$CM_ROOT" archive "$commit" | tar -x -C "$src"
+    cm_pg_tree "$tree"
+    # built against the system's pg_config: a private tree's one reports
+    # paths inside that tree, which DESTDIR would then prefix a second time
+    local PGBIN=/usr/lib/postgresql/15/bin
+    echo "== release $commit:"
+    cm_build_install "$tree" "$src"
+    rm -rf "$src"
+    if [ "$(id -u)" = 0 ]; then chown -R postgres: "$tree"; fi
+}
+
 # a directory the postgres user can write to
 cm_workdir() {
     local d

@@ -103,12 +103,19 @@ run_pgtap() {
     CLUSTER=""
 }
 
+# The released 1.0 (a commit of this repository's history), which the
+# upgrade tests run first and then upgrade in place.
+CM_RELEASE_1_0=d82d954
+
 run_tap() {
     echo "== TAP: t/*.pl"
     as_pg mkdir -p "$WORK/tap"
+    # the old release in a tree of its own; the new build is in $WORK/pg
+    cm_release_tree "$WORK/pg-1.0" "$CM_RELEASE_1_0"
     if (cd "$WORK" && as_pg env PERL5LIB="$PGXS_DIR/src/test/perl:$WORK/t" \
             TESTDIR="$WORK/tap" PG_REGRESS="$PGXS_DIR/src/test/regress/pg_regress" \
             CM_FIXTURES="$WORK/test/fixtures" \
+            CM_PG_TREE="$WORK/pg" CM_RELEASE_1_0_TREE="$WORK/pg-1.0" \
             prove --timer ${CM_TAP:-t/*.pl}) 2>&1 | tee "$WORK/tap.out"; [ "${PIPESTATUS[0]}" = 0 ]; then
         passed=$((passed + 1))
     else
