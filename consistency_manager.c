@@ -300,6 +300,10 @@ cm_worker_main(Datum main_arg)
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_USERSET, PGC_S_SESSION);
 	pgstat_report_appname(CM_NAME);
 
+	StartTransactionCommand();
+	cm_stats_claim_database();
+	CommitTransactionCommand();
+
 	ereport(LOG,
 			(errmsg("consistency_manager worker started in database \"%s\"", cm_database)));
 

@@ -40,6 +40,7 @@ extern int	cm_lookback_window;
 extern int	cm_max_backoff;
 extern int	cm_history_retention;
 extern char *cm_portfolio_schema;
+extern int	cm_max_databases;
 
 extern void cm_define_gucs(void);
 
