@@ -82,6 +82,12 @@ extern bool cm_lock_cycle(bool wait);
 extern char *cm_installed_version(void);
 extern void cm_check_schema_version(void);
 
+/* The background workers: the sync worker (consistency_manager.c) and the
+ * launcher that starts it (launcher.c). */
+extern long cm_backoff_ms(int base_ms, int failures);
+extern void cm_register_launcher(void);
+extern bool cm_wake_launcher(void);
+
 /* Shared-memory statistics (stats.c). */
 extern void cm_stats_cycle_start(void);
 extern void cm_stats_cycle_done(const CmCycleResult *result);

@@ -2,7 +2,7 @@
  *
  * stats.c
  *		Counters of the sync cycle in shared memory, per database, and the
- *		worker's state.
+ *		state of the background workers.
  *
  * The counters are kept per database: the worker and any session that
  * calls cm_sync_now() add to the slot of the database they run in, and
@@ -14,7 +14,7 @@
  * database's cycles run uncounted and the first one in each session says
  * so in a WARNING.
  *
- * The worker fields (pid, state) are the server's: there is one
+ * The worker fields (pid, state) are the server's: there is one sync
  * worker, in consistency_manager.database, and cm_stats() reports it in
  * every database.
  *
@@ -101,6 +101,7 @@ cm_stats_shmem_startup(void)
 	{
 		memset(cm_shared, 0, shared_state_size());
 		cm_shared->lock = &(GetNamedLWLockTranche(CM_NAME))->lock;
+		cm_shared->worker_exit_code = -1;
 		cm_shared->max_databases = cm_max_databases;
 		strlcpy(cm_shared->worker_state, "not started", sizeof(cm_shared->worker_state));
 	}
@@ -274,7 +275,7 @@ cm_report_phase(const char *phase)
 
 /*
  * cm_set_worker_state
- *		Record what the worker is doing, for cm_stats() and cm_health().
+ *		Record what the sync worker is doing, for cm_stats() and cm_health().
  */
 void
 cm_set_worker_state(const char *state)
@@ -283,6 +284,22 @@ cm_set_worker_state(const char *state)
 		return;
 	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
 	strlcpy(cm_shared->worker_state, state, sizeof(cm_shared->worker_state));
+	LWLockRelease(cm_shared->lock);
+}
+
+/*
+ * cm_set_launcher_state
+ *		Record why no sync worker runs (waiting for the database, stopped,
+ *		restarting ...), unless one runs by now: its own state wins.
+ */
+void
+cm_set_launcher_state(const char *state)
+{
+	if (cm_shared == NULL)
+		return;
+	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
+	if (cm_shared->worker_pid == 0)
+		strlcpy(cm_shared->worker_state, state, sizeof(cm_shared->worker_state));
 	LWLockRelease(cm_shared->lock);
 }
 

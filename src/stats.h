@@ -39,12 +39,18 @@ typedef struct CmSharedState
 {
 	LWLock	   *lock;
 
-	/* the background worker */
+	/* the launcher: the static background worker, connected to no database */
+	pid_t		launcher_pid;
+	Latch	   *launcher_latch; /* set when syncing is to start or the worker left */
+	bool		stopped;		/* cm_worker_stop(): start no sync worker */
+	bool		start_requested;	/* cm_worker_start(): start one now */
+
+	/* the sync worker, in consistency_manager.database */
 	pid_t		worker_pid;
 	Latch	   *worker_latch;	/* set by cm_wake() */
+	int			worker_exit_code;	/* of the last sync worker; -1: unknown */
 	char		worker_state[64];
-	bool		stop_requested;	/* set by cm_worker_stop() */
-	bool		wake_requested;	/* set by cm_wake(), cleared by the worker */
+	bool		wake_requested; /* set by cm_wake(), cleared by the worker */
 
 	/* cycles, by the worker and by cm_sync_now(), per database */
 	int			max_databases;
@@ -57,6 +63,7 @@ extern bool cm_in_worker;
 extern void cm_stats_install_hooks(void);
 extern void cm_report_phase(const char *phase);
 extern void cm_set_worker_state(const char *state);
+extern void cm_set_launcher_state(const char *state);
 extern void cm_stats_claim_database(void);
 extern void cm_stats_skipped(void);
 
