@@ -3,14 +3,17 @@
  * consistency_manager.c
  *		Module load, and the background worker that runs the sync cycle.
  *
- * The worker is registered when the library is in shared_preload_libraries.
- * It connects to consistency_manager.database as consistency_manager.role
+ * When the library is in shared_preload_libraries, _PG_init registers the
+ * launcher (src/launcher.c), a worker connected to no database that waits
+ * for consistency_manager.database to exist and then starts the sync
+ * worker below in it.  The sync worker connects as consistency_manager.role
  * and loops: wait on its latch (polling interval, cm_wake(), SIGHUP,
  * SIGTERM, postmaster death), run one cycle in a transaction of its own,
  * record the outcome, reset its memory.  An error in a cycle is caught,
  * logged when it differs from the previous one, counted, and retried with
  * capped exponential back-off; the worker never exits because queue-db is
- * away.
+ * away.  Until the extension exists in its database and a source is
+ * attached it waits, and says so once.
  *
  * The cycle itself is in src/cycle.c; cm_sync_now() runs the same code.
  *
@@ -47,34 +50,11 @@ void		_PG_init(void);
 PGDLLEXPORT void cm_worker_main(Datum main_arg);
 
 PG_FUNCTION_INFO_V1(cm_wake);
-PG_FUNCTION_INFO_V1(cm_worker_start);
-PG_FUNCTION_INFO_V1(cm_worker_stop);
-
-/* Seconds the postmaster waits before restarting a worker that crashed. */
-#define CM_WORKER_RESTART_SECONDS 5
-
-/*
- * fill_worker
- *		The registration of the worker, shared by the static worker and the
- *		one cm_worker_start() launches.
- */
-static void
-fill_worker(BackgroundWorker *worker)
-{
-	memset(worker, 0, sizeof(BackgroundWorker));
-	worker->bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker->bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker->bgw_restart_time = CM_WORKER_RESTART_SECONDS;
-	strlcpy(worker->bgw_library_name, CM_NAME, BGW_MAXLEN);
-	strlcpy(worker->bgw_function_name, "cm_worker_main", BGW_MAXLEN);
-	strlcpy(worker->bgw_name, "consistency_manager sync worker", BGW_MAXLEN);
-	strlcpy(worker->bgw_type, CM_NAME, BGW_MAXLEN);
-}
 
 /*
  * _PG_init
  *		Define the GUCs; when preloaded, also set up shared memory and
- *		register the worker.
+ *		register the launcher, which starts the sync worker.
  *
  * Loading the library later (on the first call of one of its functions)
  * is fine: the SQL functions, cm_sync_now() included, work without the
@@ -83,8 +63,6 @@ fill_worker(BackgroundWorker *worker)
 void
 _PG_init(void)
 {
-	BackgroundWorker worker;
-
 	cm_define_gucs();
 
 	if (!process_shared_preload_libraries_in_progress)
@@ -93,13 +71,31 @@ _PG_init(void)
 		return;
 
 	cm_stats_install_hooks();
-	fill_worker(&worker);
-	RegisterBackgroundWorker(&worker);
+	cm_register_launcher();
+}
+
+/*
+ * cm_backoff_ms
+ *		The wait after the given number of failures in a row: base_ms
+ *		doubled for each, capped at consistency_manager.max_backoff.
+ *
+ * The one back-off formula of the extension: the sync worker's retries of
+ * failed cycles and the launcher's restarts of a sync worker that exited
+ * both use it.
+ */
+long
+cm_backoff_ms(int base_ms, int failures)
+{
+	return (long) Min((int64) cm_max_backoff, (int64) base_ms << Min(Max(failures, 0), 20));
 }
 
 /*
  * worker_exit
- *		Clear the worker's traces from shared memory (on_shmem_exit).
+ *		Clear the worker's traces from shared memory, leave its exit code
+ *		for the launcher and wake the launcher (on_shmem_exit).
+ *
+ * Code 0 is an exit on purpose (cm_worker_stop()); anything else (an
+ * error, SIGTERM) makes the launcher start a new worker after a back-off.
  */
 static void
 worker_exit(int code, Datum arg)
@@ -111,7 +107,11 @@ worker_exit(int code, Datum arg)
 	{
 		cm_shared->worker_pid = 0;
 		cm_shared->worker_latch = NULL;
-		strlcpy(cm_shared->worker_state, "stopped", sizeof(cm_shared->worker_state));
+		cm_shared->worker_exit_code = code;
+		strlcpy(cm_shared->worker_state, cm_shared->stopped ? "stopped by cm_worker_stop()" : "exited",
+				sizeof(cm_shared->worker_state));
+		if (cm_shared->launcher_latch)
+			SetLatch(cm_shared->launcher_latch);
 	}
 	LWLockRelease(cm_shared->lock);
 }
@@ -130,7 +130,6 @@ claim_worker_slot(void)
 	{
 		cm_shared->worker_pid = MyProcPid;
 		cm_shared->worker_latch = &MyProc->procLatch;
-		cm_shared->stop_requested = false;
 		claimed = true;
 	}
 	LWLockRelease(cm_shared->lock);
@@ -278,18 +277,58 @@ take_wake_request(void)
 	return requested;
 }
 
+/* Why the sync worker cannot run a cycle yet. */
+typedef enum ExtensionWait
+{
+	EXTENSION_READY,			/* nothing: it can */
+	EXTENSION_MISSING,			/* no CREATE EXTENSION in its database */
+	EXTENSION_NO_SOURCE			/* no enabled source attached */
+} ExtensionWait;
+
+/*
+ * wait_for_extension
+ *		Say why the worker cannot cycle yet: once in the log when the
+ *		reason changes, and every turn in cm_stats() and pg_stat_activity.
+ *
+ * Also after DROP EXTENSION: the worker stays connected and starts
+ * cycling again once the extension is created and a source attached.
+ */
+static void
+wait_for_extension(bool exists, ExtensionWait *announced)
+{
+	ExtensionWait reason = exists ? EXTENSION_NO_SOURCE : EXTENSION_MISSING;
+
+	if (*announced != reason)
+		ereport(LOG,
+				(errmsg("consistency_manager worker is waiting: %s in database \"%s\"",
+						exists ? "no enabled source" : "extension consistency_manager does not exist",
+						cm_database),
+				 errhint(exists ? "Attach a queue with SELECT cm_attach_queue('server_name')."
+						 : "Run CREATE EXTENSION consistency_manager CASCADE in that database.")));
+	*announced = reason;
+	cm_set_worker_state(exists ? "waiting for a source" : "waiting for the extension");
+	pgstat_report_activity(STATE_IDLE, exists ? "consistency_manager: waiting for a source"
+						   : "consistency_manager: waiting for CREATE EXTENSION");
+}
+
 /*
  * cm_worker_main
- *		Entry point of the background worker.
+ *		Entry point of the sync worker, started by the launcher.
+ *
+ * main_arg is the OID of consistency_manager.database and bgw_extra holds
+ * the OID of consistency_manager.role (InvalidOid: the bootstrap
+ * superuser), both looked up by the launcher: by OID, a database dropped
+ * and created again meanwhile is not mistaken for the one it found.
  */
 void
 cm_worker_main(Datum main_arg)
 {
 	MemoryContext loop_cxt;
 	char	   *last_error = NULL;
-	bool		announced_wait = false;
-	bool		was_ready = false;
+	ExtensionWait announced_wait = EXTENSION_READY;
 	int			failures = 0;
+	Oid			dboid = DatumGetObjectId(main_arg);
+	Oid			roleoid;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, cm_worker_sigterm);
@@ -305,12 +344,16 @@ cm_worker_main(Datum main_arg)
 	on_shmem_exit(worker_exit, (Datum) 0);
 	cm_set_worker_state("starting");
 
-	BackgroundWorkerInitializeConnection(cm_database,
-										 (cm_role && cm_role[0]) ? cm_role : NULL, 0);
+	memcpy(&roleoid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
+	BackgroundWorkerInitializeConnectionByOid(dboid, roleoid, 0);
 	SetConfigOption("application_name", CM_NAME, PGC_USERSET, PGC_S_SESSION);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_USERSET, PGC_S_SESSION);
 	pgstat_report_appname(CM_NAME);
 	cm_remote_init_worker();
+
+	StartTransactionCommand();
+	cm_stats_claim_database();
+	CommitTransactionCommand();
 
 	ereport(LOG,
 			(errmsg("consistency_manager worker started in database \"%s\"", cm_database)));
@@ -331,7 +374,7 @@ cm_worker_main(Datum main_arg)
 		}
 		/* read after the reload: a new interval applies to this very wait */
 		timeout = cm_polling_interval;
-		if (cm_shared->stop_requested)
+		if (cm_shared->stopped)
 		{
 			ereport(LOG, (errmsg("consistency_manager worker stopped by cm_worker_stop()")));
 			proc_exit(0);
@@ -346,28 +389,7 @@ cm_worker_main(Datum main_arg)
 			pgstat_report_activity(STATE_IDLE, "consistency_manager: disabled (consistency_manager.enabled = off)");
 		}
 		else if (!extension_ready(&exists))
-		{
-			if (!exists && was_ready)
-			{
-				ereport(LOG,
-						(errmsg("consistency_manager worker exits: the extension was dropped from database \"%s\"",
-								cm_database),
-						 errhint("It starts again with the server, or with cm_worker_start() after CREATE EXTENSION.")));
-				proc_exit(0);
-			}
-			if (!announced_wait)
-				ereport(LOG,
-						(errmsg("consistency_manager worker is waiting: %s in database \"%s\"",
-								exists ? "no enabled source" : "extension consistency_manager does not exist",
-								cm_database),
-						 errhint(exists ? "Attach a queue with SELECT cm_attach_queue('server_name')."
-								 : "Run CREATE EXTENSION consistency_manager CASCADE in that database.")));
-			announced_wait = true;
-			was_ready = was_ready || exists;
-			cm_set_worker_state(exists ? "waiting for a source" : "waiting for the extension");
-			pgstat_report_activity(STATE_IDLE, exists ? "consistency_manager: waiting for a source"
-								   : "consistency_manager: waiting for CREATE EXTENSION");
-		}
+			wait_for_extension(exists, &announced_wait);
 		else
 		{
 			CmCycleResult r;
@@ -375,8 +397,7 @@ cm_worker_main(Datum main_arg)
 			int			sqlerrcode = 0;
 			TimestampTz started = GetCurrentTimestamp();
 
-			was_ready = true;
-			announced_wait = false;
+			announced_wait = EXTENSION_READY;
 			cm_set_worker_state("running a cycle");
 			if (run_one_cycle(loop_cxt, &message, &sqlerrcode, &r))
 			{
@@ -395,13 +416,12 @@ cm_worker_main(Datum main_arg)
 				bool		changed = last_error == NULL || strcmp(last_error, message) != 0;
 
 				failures++;
+				timeout = cm_backoff_ms(cm_polling_interval, failures);
 				cm_stats_cycle_failed(message);
 				ereport(changed ? WARNING : DEBUG1,
 						(errcode(sqlerrcode),
 						 errmsg("consistency_manager cycle failed: %s", message),
-						 errdetail("%d consecutive failures; next try in %d ms.", failures,
-								   (int) Min((int64) cm_max_backoff,
-											 (int64) cm_polling_interval << Min(failures, 20))),
+						 errdetail("%d consecutive failures; next try in %ld ms.", failures, timeout),
 						 errhint("See cm_health() and cm_stats(); the worker retries on its own.")));
 				if (changed)
 				{
@@ -413,8 +433,6 @@ cm_worker_main(Datum main_arg)
 					MemoryContextSwitchTo(old);
 				}
 				after_failure(message, started);
-				timeout = (long) Min((int64) cm_max_backoff,
-									 (int64) cm_polling_interval << Min(failures, 20));
 			}
 			cm_set_worker_state(failures > 0 ? "backing off after a failure" : "idle");
 			pgstat_report_activity(STATE_IDLE, "consistency_manager: waiting for the next cycle");
@@ -432,7 +450,9 @@ cm_worker_main(Datum main_arg)
 
 /*
  * cm_wake() returns boolean
- *		Ask the worker for a cycle now.  False when no worker runs.
+ *		Ask the worker for a cycle now.  False when no sync worker runs;
+ *		then the launcher is woken instead, so that it looks for the
+ *		database at once rather than at its next turn.
  */
 Datum
 cm_wake(PG_FUNCTION_ARGS)
@@ -453,78 +473,7 @@ cm_wake(PG_FUNCTION_ARGS)
 		woken = true;
 	}
 	LWLockRelease(cm_shared->lock);
+	if (!woken)
+		(void) cm_wake_launcher();
 	PG_RETURN_BOOL(woken);
-}
-
-/*
- * require_shared
- *		Error out when the library was not preloaded: there is no worker to
- *		start or stop.
- */
-static void
-require_shared(void)
-{
-	if (cm_shared == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("consistency_manager must be loaded via shared_preload_libraries"),
-				 errhint("Add consistency_manager to shared_preload_libraries in postgresql.conf and restart the server.")));
-}
-
-/*
- * cm_worker_start() returns boolean
- *		Launch the worker when none runs (after cm_worker_stop(), say).
- *		False when one already runs.
- */
-Datum
-cm_worker_start(PG_FUNCTION_ARGS)
-{
-	BackgroundWorker worker;
-	BackgroundWorkerHandle *handle;
-	pid_t		pid;
-
-	require_shared();
-	LWLockAcquire(cm_shared->lock, LW_SHARED);
-	pid = cm_shared->worker_pid;
-	LWLockRelease(cm_shared->lock);
-	if (pid != 0)
-		PG_RETURN_BOOL(false);
-
-	fill_worker(&worker);
-	worker.bgw_restart_time = BGW_NEVER_RESTART;
-	worker.bgw_notify_pid = MyProcPid;
-	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
-		ereport(ERROR,
-				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-				 errmsg("could not register the consistency_manager worker"),
-				 errhint("Raise max_worker_processes.")));
-	if (WaitForBackgroundWorkerStartup(handle, &pid) != BGWH_STARTED)
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
-				 errmsg("could not start the consistency_manager worker"),
-				 errhint("See the server log.")));
-	PG_RETURN_BOOL(true);
-}
-
-/*
- * cm_worker_stop() returns boolean
- *		Ask the worker to exit after its current cycle; it is not restarted
- *		until cm_worker_start() or a server restart.  False when none runs.
- */
-Datum
-cm_worker_stop(PG_FUNCTION_ARGS)
-{
-	bool		stopping = false;
-
-	require_shared();
-	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
-	if (cm_shared->worker_pid != 0)
-	{
-		cm_shared->stop_requested = true;
-		if (cm_shared->worker_latch)
-			SetLatch(cm_shared->worker_latch);
-		stopping = true;
-	}
-	LWLockRelease(cm_shared->lock);
-	PG_RETURN_BOOL(stopping);
 }

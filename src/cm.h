@@ -41,6 +41,7 @@ extern int	cm_max_backoff;
 extern int	cm_history_retention;
 extern char *cm_portfolio_schema;
 extern int	cm_cycle_timeout;
+extern int	cm_max_databases;
 
 extern void cm_define_gucs(void);
 
@@ -96,6 +97,12 @@ extern bool cm_cycle_deadline_expired(void);
 extern void cm_remote_read_begin(void);
 extern void cm_remote_read_end(void);
 extern void cm_remote_check_exit(void);
+
+/* The background workers: the sync worker (consistency_manager.c) and the
+ * launcher that starts it (launcher.c). */
+extern long cm_backoff_ms(int base_ms, int failures);
+extern void cm_register_launcher(void);
+extern bool cm_wake_launcher(void);
 
 /* Shared-memory statistics (stats.c). */
 extern void cm_stats_cycle_start(void);

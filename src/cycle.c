@@ -791,7 +791,8 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 /*
  * cm_sync_now() returns record
  *		Run a sync cycle now, in the caller's transaction, and say what it
- *		did.  Waits for a cycle the worker is running.
+ *		did.  Waits for a cycle the worker is running.  A failure is
+ *		counted in this database's cm_stats() before it reaches the caller.
  */
 Datum
 cm_sync_now(PG_FUNCTION_ARGS)
@@ -800,11 +801,22 @@ cm_sync_now(PG_FUNCTION_ARGS)
 	Datum		values[8];
 	bool		nulls[8] = {0};
 	CmCycleResult r;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	cm_run_cycle(true, "manual", &r);
+	PG_TRY();
+	{
+		cm_run_cycle(true, "manual", &r);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		cm_stats_cycle_failed(CopyErrorData()->message);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 
 	values[0] = Int32GetDatum(r.sources);
 	values[1] = Int64GetDatum(r.rows_read);

@@ -25,6 +25,7 @@ int			cm_max_backoff = 300000;
 int			cm_history_retention = 7 * 24 * 3600;
 int			cm_cycle_timeout = 600000;
 char	   *cm_portfolio_schema = NULL;
+int			cm_max_databases = 32;
 
 /*
  * cm_define_gucs
@@ -136,6 +137,16 @@ cm_define_gucs(void)
 							   PGC_SUSET,
 							   0,
 							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.max_databases",
+							"Databases whose cycles cm_stats() counts.",
+							"Each database that runs a cycle takes one slot of shared "
+							"memory; slots of dropped databases are reused.",
+							&cm_max_databases,
+							32, 1, 10000,
+							start_context,
+							0,
+							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("consistency_manager");
 }

@@ -1,19 +1,34 @@
 /*-------------------------------------------------------------------------
  *
  * stats.c
- *		Counters of the sync cycle in shared memory, and the worker's state.
+ *		Counters of the sync cycle in shared memory, per database, and the
+ *		state of the background workers.
  *
- * The counters are shared by every backend of the server: the worker and
- * any session that calls cm_sync_now() add to them, and cm_stats() reads
- * them.  They exist only when the library is in shared_preload_libraries;
- * without it every function here is a no-op and cm_stats() says so.  They
- * restart from zero with the server: the durable record is
+ * The counters are kept per database: the worker and any session that
+ * calls cm_sync_now() add to the slot of the database they run in, and
+ * cm_stats() reads the slot of the database it is called in, so a cycle
+ * in a staging database never moves the production worker's counters or
+ * its failure streak.  A database takes a slot with its first cycle; there
+ * are consistency_manager.max_databases of them.  When they are all taken,
+ * the slots of databases dropped since are reused; failing that the
+ * database's cycles run uncounted and the first one in each session says
+ * so in a WARNING.
+ *
+ * The worker fields (pid, state) are the server's: there is one sync
+ * worker, in consistency_manager.database, and cm_stats() reports it in
+ * every database.
+ *
+ * All of it exists only when the library is in shared_preload_libraries;
+ * without it every function here is a no-op and cm_stats() says so.  The
+ * counters restart from zero with the server: the durable record is
  * cm.cycle_history.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/xact.h"
+#include "commands/dbcommands.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -24,6 +39,7 @@
 #include "storage/shmem.h"
 #include "utils/backend_status.h"
 #include "utils/builtins.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "cm.h"
@@ -35,7 +51,24 @@ bool		cm_in_worker = false;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
+/* This backend's slot in cm_shared->databases, once it has looked it up. */
+static int	my_slot = -1;
+
+/* Whether this backend already warned that every slot is taken. */
+static bool warned_full = false;
+
 PG_FUNCTION_INFO_V1(cm_stats);
+
+/*
+ * shared_state_size
+ *		Bytes of the shared state: the fixed part and one slot per database.
+ */
+static Size
+shared_state_size(void)
+{
+	return add_size(offsetof(CmSharedState, databases),
+					mul_size(cm_max_databases, sizeof(CmDatabaseStats)));
+}
 
 /*
  * cm_stats_shmem_request
@@ -46,7 +79,7 @@ cm_stats_shmem_request(void)
 {
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(CmSharedState)));
+	RequestAddinShmemSpace(MAXALIGN(shared_state_size()));
 	RequestNamedLWLockTranche(CM_NAME, 1);
 }
 
@@ -63,11 +96,13 @@ cm_stats_shmem_startup(void)
 		prev_shmem_startup_hook();
 
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	cm_shared = ShmemInitStruct(CM_NAME, sizeof(CmSharedState), &found);
+	cm_shared = ShmemInitStruct(CM_NAME, shared_state_size(), &found);
 	if (!found)
 	{
-		memset(cm_shared, 0, sizeof(CmSharedState));
+		memset(cm_shared, 0, shared_state_size());
 		cm_shared->lock = &(GetNamedLWLockTranche(CM_NAME))->lock;
+		cm_shared->worker_exit_code = -1;
+		cm_shared->max_databases = cm_max_databases;
 		strlcpy(cm_shared->worker_state, "not started", sizeof(cm_shared->worker_state));
 	}
 	LWLockRelease(AddinShmemInitLock);
@@ -87,6 +122,144 @@ cm_stats_install_hooks(void)
 }
 
 /*
+ * find_database_stats
+ *		The slot of database dboid, or NULL.  When there is none and
+ *		free_slot is not NULL, *free_slot is set to a free slot's index, or
+ *		-1 when every slot is taken.  The caller holds cm_shared->lock.
+ */
+static CmDatabaseStats *
+find_database_stats(Oid dboid, int *free_slot)
+{
+	int			i;
+
+	if (free_slot)
+		*free_slot = -1;
+	if (my_slot >= 0 && dboid == MyDatabaseId &&
+		cm_shared->databases[my_slot].dboid == dboid)
+		return &cm_shared->databases[my_slot];
+	for (i = 0; i < cm_shared->max_databases; i++)
+	{
+		Oid			slot_db = cm_shared->databases[i].dboid;
+
+		if (slot_db == dboid)
+		{
+			if (dboid == MyDatabaseId)
+				my_slot = i;
+			return &cm_shared->databases[i];
+		}
+		if (free_slot && *free_slot < 0 && !OidIsValid(slot_db))
+			*free_slot = i;
+	}
+	return NULL;
+}
+
+/*
+ * reclaim_dropped_databases
+ *		Free the slots of databases that no longer exist.  Returns whether
+ *		it freed any.
+ *
+ * Looks the databases up in pg_database, so it needs a transaction, and
+ * does so without holding the shared lock: a slot is freed only if it
+ * still belongs to the database found missing.
+ */
+static bool
+reclaim_dropped_databases(void)
+{
+	int			n = cm_shared->max_databases;
+	Oid		   *slot_db = palloc(sizeof(Oid) * n);
+	bool		freed = false;
+	int			i;
+
+	LWLockAcquire(cm_shared->lock, LW_SHARED);
+	for (i = 0; i < n; i++)
+		slot_db[i] = cm_shared->databases[i].dboid;
+	LWLockRelease(cm_shared->lock);
+
+	for (i = 0; i < n; i++)
+		if (OidIsValid(slot_db[i]) &&
+			SearchSysCacheExists1(DATABASEOID, ObjectIdGetDatum(slot_db[i])))
+			slot_db[i] = InvalidOid;	/* still there: keep its slot */
+
+	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
+	for (i = 0; i < n; i++)
+		if (OidIsValid(slot_db[i]) && cm_shared->databases[i].dboid == slot_db[i])
+		{
+			cm_shared->databases[i].dboid = InvalidOid;
+			freed = true;
+		}
+	LWLockRelease(cm_shared->lock);
+	pfree(slot_db);
+	return freed;
+}
+
+/*
+ * lock_database_stats
+ *		Take the shared lock exclusively and return this database's slot,
+ *		taking a free one when the database has none yet.
+ *
+ * When every slot is taken it returns NULL, with the lock released.  With
+ * in_transaction (the caller runs in a healthy transaction) it first frees
+ * the slots of dropped databases, and warns once per session when that
+ * was not enough.  Statistics never fail a cycle.
+ */
+static CmDatabaseStats *
+lock_database_stats(bool in_transaction)
+{
+	CmDatabaseStats *db;
+	int			free_slot;
+
+	if (cm_shared == NULL || !OidIsValid(MyDatabaseId))
+		return NULL;
+
+	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
+	db = find_database_stats(MyDatabaseId, &free_slot);
+	if (db == NULL && free_slot < 0 && in_transaction)
+	{
+		LWLockRelease(cm_shared->lock);
+		(void) reclaim_dropped_databases();
+		LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
+		db = find_database_stats(MyDatabaseId, &free_slot);
+	}
+	if (db == NULL && free_slot >= 0)
+	{
+		db = &cm_shared->databases[free_slot];
+		memset(db, 0, sizeof(CmDatabaseStats));
+		db->dboid = MyDatabaseId;
+		my_slot = free_slot;
+	}
+	if (db == NULL)
+	{
+		LWLockRelease(cm_shared->lock);
+		if (in_transaction && !warned_full)
+		{
+			warned_full = true;
+			ereport(WARNING,
+					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+					 errmsg("consistency_manager does not count the cycles of database \"%s\"",
+							get_database_name(MyDatabaseId)),
+					 errdetail("All %d statistics slots (consistency_manager.max_databases) are taken by other databases.",
+							   cm_shared->max_databases),
+					 errhint("Raise consistency_manager.max_databases and restart the server; the cycles themselves run normally.")));
+		}
+	}
+	return db;
+}
+
+/*
+ * cm_stats_claim_database
+ *		Take this database's statistics slot now, in a transaction.
+ *
+ * The worker calls it as it starts, so that its database is counted even
+ * when other databases later fill every slot.
+ */
+void
+cm_stats_claim_database(void)
+{
+	if (lock_database_stats(true) != NULL)
+		LWLockRelease(cm_shared->lock);
+}
+
+/*
  * cm_report_phase
  *		Show the worker's phase in pg_stat_activity.query.
  *
@@ -102,7 +275,7 @@ cm_report_phase(const char *phase)
 
 /*
  * cm_set_worker_state
- *		Record what the worker is doing, for cm_stats() and cm_health().
+ *		Record what the sync worker is doing, for cm_stats() and cm_health().
  */
 void
 cm_set_worker_state(const char *state)
@@ -114,84 +287,129 @@ cm_set_worker_state(const char *state)
 	LWLockRelease(cm_shared->lock);
 }
 
-/* A cycle got the lock and starts. */
+/*
+ * cm_set_launcher_state
+ *		Record why no sync worker runs (waiting for the database, stopped,
+ *		restarting ...), unless one runs by now: its own state wins.
+ */
 void
-cm_stats_cycle_start(void)
+cm_set_launcher_state(const char *state)
 {
 	if (cm_shared == NULL)
 		return;
 	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
-	cm_shared->last_cycle_start = GetCurrentTimestamp();
-	LWLockRelease(cm_shared->lock);
-}
-
-/* A cycle finished its work (it may still abort with its transaction). */
-void
-cm_stats_cycle_done(const CmCycleResult *r)
-{
-	if (cm_shared == NULL)
-		return;
-	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
-	cm_shared->cycles++;
-	cm_shared->rows_read += r->rows_read;
-	cm_shared->created += r->created;
-	cm_shared->updated += r->updated;
-	cm_shared->completed_applied += r->completed_applied;
-	cm_shared->compensated += r->compensated;
-	cm_shared->dead_lettered += r->dead_lettered;
-	cm_shared->consecutive_failures = 0;
-	cm_shared->last_cycle_end = r->finished_at;
-	cm_shared->last_cycle_duration_ms = r->duration_ms;
-	LWLockRelease(cm_shared->lock);
-}
-
-/* The worker skipped its turn: a manual cycle held the lock. */
-void
-cm_stats_skipped(void)
-{
-	if (cm_shared == NULL)
-		return;
-	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
-	cm_shared->skipped++;
-	LWLockRelease(cm_shared->lock);
-}
-
-/* A cycle failed with this message. */
-void
-cm_stats_cycle_failed(const char *message)
-{
-	if (cm_shared == NULL)
-		return;
-	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
-	cm_shared->errors++;
-	cm_shared->consecutive_failures++;
-	strlcpy(cm_shared->last_error, message, sizeof(cm_shared->last_error));
-	cm_shared->last_error_at = GetCurrentTimestamp();
+	if (cm_shared->worker_pid == 0)
+		strlcpy(cm_shared->worker_state, state, sizeof(cm_shared->worker_state));
 	LWLockRelease(cm_shared->lock);
 }
 
 /*
+ * cm_stats_cycle_start
+ *		A cycle got the lock and starts.
+ */
+void
+cm_stats_cycle_start(void)
+{
+	CmDatabaseStats *db = lock_database_stats(true);
+
+	if (db == NULL)
+		return;
+	db->last_cycle_start = GetCurrentTimestamp();
+	LWLockRelease(cm_shared->lock);
+}
+
+/*
+ * cm_stats_cycle_done
+ *		A cycle finished its work (it may still abort with its transaction).
+ */
+void
+cm_stats_cycle_done(const CmCycleResult *r)
+{
+	CmDatabaseStats *db = lock_database_stats(true);
+
+	if (db == NULL)
+		return;
+	db->cycles++;
+	db->rows_read += r->rows_read;
+	db->created += r->created;
+	db->updated += r->updated;
+	db->completed_applied += r->completed_applied;
+	db->compensated += r->compensated;
+	db->dead_lettered += r->dead_lettered;
+	db->consecutive_failures = 0;
+	db->last_cycle_end = r->finished_at;
+	db->last_cycle_duration_ms = r->duration_ms;
+	LWLockRelease(cm_shared->lock);
+}
+
+/*
+ * cm_stats_skipped
+ *		The worker skipped its turn: a manual cycle held the lock.  Called
+ *		outside a transaction.
+ */
+void
+cm_stats_skipped(void)
+{
+	CmDatabaseStats *db = lock_database_stats(false);
+
+	if (db == NULL)
+		return;
+	db->skipped++;
+	LWLockRelease(cm_shared->lock);
+}
+
+/*
+ * cm_stats_cycle_failed
+ *		A cycle failed with this message.  Called after the failed
+ *		transaction was rolled back (the worker) or while its error
+ *		propagates (cm_sync_now()): no catalog access.
+ */
+void
+cm_stats_cycle_failed(const char *message)
+{
+	CmDatabaseStats *db = lock_database_stats(false);
+
+	if (db == NULL)
+		return;
+	db->errors++;
+	db->consecutive_failures++;
+	strlcpy(db->last_error, message ? message : "unknown error", sizeof(db->last_error));
+	db->last_error_at = GetCurrentTimestamp();
+	LWLockRelease(cm_shared->lock);
+}
+
+#define CM_STATS_COLS 17
+
+/*
  * cm_stats() returns record
- *		The shared counters and the worker's state, as one row.
+ *		This database's counters and the worker's state, as one row.
  *
  * Without shared_preload_libraries there is nothing shared to read: the
- * row says so in worker_state and the counters are NULL.
+ * row says so in worker_state and the rest is NULL.  A database that never
+ * ran a cycle reads zeros; one that found every slot taken when it did
+ * reads NULL counters (they were not kept).
  */
 Datum
 cm_stats(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[17];
-	bool		nulls[17] = {0};
-	CmSharedState snap;
-	int			i;
+	Datum		values[CM_STATS_COLS];
+	bool		nulls[CM_STATS_COLS] = {0};
+	CmDatabaseStats snap;
+	CmDatabaseStats *db;
+	int			free_slot;
+	bool		counted;
+	pid_t		worker_pid;
+	char		worker_state[sizeof(cm_shared->worker_state)];
+	int			worker_cols;	/* worker_pid, worker_state: the server's */
+	int			i = 0;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
 	if (cm_shared == NULL)
 	{
-		for (i = 0; i < 17; i++)
+		for (i = 0; i < CM_STATS_COLS; i++)
 			nulls[i] = true;
 		nulls[15] = false;
 		values[15] = CStringGetTextDatum("not loaded (consistency_manager is not in shared_preload_libraries)");
@@ -199,31 +417,48 @@ cm_stats(PG_FUNCTION_ARGS)
 	}
 
 	LWLockAcquire(cm_shared->lock, LW_SHARED);
-	memcpy(&snap, cm_shared, sizeof(snap));
+	db = find_database_stats(MyDatabaseId, &free_slot);
+	if (db != NULL)
+		memcpy(&snap, db, sizeof(snap));
+	else
+		memset(&snap, 0, sizeof(snap));
+	counted = db != NULL || free_slot >= 0;
+	worker_pid = cm_shared->worker_pid;
+	strlcpy(worker_state, cm_shared->worker_state, sizeof(worker_state));
 	LWLockRelease(cm_shared->lock);
 
-	values[0] = Int64GetDatum(snap.cycles);
-	values[1] = Int64GetDatum(snap.rows_read);
-	values[2] = Int64GetDatum(snap.created);
-	values[3] = Int64GetDatum(snap.updated);
-	values[4] = Int64GetDatum(snap.completed_applied);
-	values[5] = Int64GetDatum(snap.compensated);
-	values[6] = Int64GetDatum(snap.dead_lettered);
-	values[7] = Int64GetDatum(snap.errors);
-	values[8] = Int64GetDatum(snap.consecutive_failures);
-	values[9] = CStringGetTextDatum(snap.last_error);
-	nulls[9] = snap.last_error[0] == '\0';
-	values[10] = TimestampTzGetDatum(snap.last_error_at);
-	nulls[10] = snap.last_error_at == 0;
-	values[11] = TimestampTzGetDatum(snap.last_cycle_start);
-	nulls[11] = snap.last_cycle_start == 0;
-	values[12] = TimestampTzGetDatum(snap.last_cycle_end);
-	nulls[12] = snap.last_cycle_end == 0;
-	values[13] = Float8GetDatum(snap.last_cycle_duration_ms);
-	nulls[13] = snap.last_cycle_end == 0;
-	values[14] = Int32GetDatum(snap.worker_pid);
-	nulls[14] = snap.worker_pid == 0;
-	values[15] = CStringGetTextDatum(snap.worker_state);
-	values[16] = Int64GetDatum(snap.skipped);
+	values[i++] = Int64GetDatum(snap.cycles);
+	values[i++] = Int64GetDatum(snap.rows_read);
+	values[i++] = Int64GetDatum(snap.created);
+	values[i++] = Int64GetDatum(snap.updated);
+	values[i++] = Int64GetDatum(snap.completed_applied);
+	values[i++] = Int64GetDatum(snap.compensated);
+	values[i++] = Int64GetDatum(snap.dead_lettered);
+	values[i++] = Int64GetDatum(snap.errors);
+	values[i++] = Int64GetDatum(snap.consecutive_failures);
+	nulls[i] = snap.last_error[0] == '\0';
+	values[i++] = CStringGetTextDatum(snap.last_error);
+	nulls[i] = snap.last_error_at == 0;
+	values[i++] = TimestampTzGetDatum(snap.last_error_at);
+	nulls[i] = snap.last_cycle_start == 0;
+	values[i++] = TimestampTzGetDatum(snap.last_cycle_start);
+	nulls[i] = snap.last_cycle_end == 0;
+	values[i++] = TimestampTzGetDatum(snap.last_cycle_end);
+	nulls[i] = snap.last_cycle_end == 0;
+	values[i++] = Float8GetDatum(snap.last_cycle_duration_ms);
+	worker_cols = i;
+	nulls[i] = worker_pid == 0;
+	values[i++] = Int32GetDatum(worker_pid);
+	values[i++] = CStringGetTextDatum(worker_state);
+	values[i++] = Int64GetDatum(snap.skipped);
+	Assert(i == CM_STATS_COLS);
+
+	if (!counted)
+	{
+		/* every slot was taken: this database's counters were not kept */
+		for (i = 0; i < CM_STATS_COLS; i++)
+			if (i < worker_cols || i >= worker_cols + 2)
+				nulls[i] = true;
+	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }

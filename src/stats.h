@@ -11,18 +11,13 @@
 #include "storage/latch.h"
 #include "storage/lwlock.h"
 
-typedef struct CmSharedState
+/*
+ * The cycle counters of one database: one slot of CmSharedState.databases,
+ * taken by the first cycle that runs there.
+ */
+typedef struct CmDatabaseStats
 {
-	LWLock	   *lock;
-
-	/* the background worker */
-	pid_t		worker_pid;
-	Latch	   *worker_latch;	/* set by cm_wake() */
-	char		worker_state[64];
-	bool		stop_requested;	/* set by cm_worker_stop() */
-	bool		wake_requested;	/* set by cm_wake(), cleared by the worker */
-
-	/* cycles, by the worker and by cm_sync_now() */
+	Oid			dboid;			/* InvalidOid: the slot is free */
 	int64		cycles;
 	int64		skipped;		/* worker turns skipped: a manual cycle held the lock */
 	int64		rows_read;
@@ -38,6 +33,28 @@ typedef struct CmSharedState
 	TimestampTz last_cycle_start;
 	TimestampTz last_cycle_end;
 	double		last_cycle_duration_ms;
+} CmDatabaseStats;
+
+typedef struct CmSharedState
+{
+	LWLock	   *lock;
+
+	/* the launcher: the static background worker, connected to no database */
+	pid_t		launcher_pid;
+	Latch	   *launcher_latch; /* set when syncing is to start or the worker left */
+	bool		stopped;		/* cm_worker_stop(): start no sync worker */
+	bool		start_requested;	/* cm_worker_start(): start one now */
+
+	/* the sync worker, in consistency_manager.database */
+	pid_t		worker_pid;
+	Latch	   *worker_latch;	/* set by cm_wake() */
+	int			worker_exit_code;	/* of the last sync worker; -1: unknown */
+	char		worker_state[64];
+	bool		wake_requested; /* set by cm_wake(), cleared by the worker */
+
+	/* cycles, by the worker and by cm_sync_now(), per database */
+	int			max_databases;
+	CmDatabaseStats databases[FLEXIBLE_ARRAY_MEMBER];
 } CmSharedState;
 
 extern CmSharedState *cm_shared;
@@ -46,6 +63,8 @@ extern bool cm_in_worker;
 extern void cm_stats_install_hooks(void);
 extern void cm_report_phase(const char *phase);
 extern void cm_set_worker_state(const char *state);
+extern void cm_set_launcher_state(const char *state);
+extern void cm_stats_claim_database(void);
 extern void cm_stats_skipped(void);
 
 #endif							/* CM_STATS_H */
