@@ -84,6 +84,9 @@ typedef struct Poison
 	int			count;
 } Poison;
 
+/* True between the start of a cycle's work and its end (see cm_sync_now). */
+static bool cycle_running = false;
+
 static StagePlan *stage_plans = NULL;
 static int	n_stage_plans = 0;
 static int	max_stage_plans = 0;
@@ -762,6 +765,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 		return;
 	result->ran = true;
 	cm_stats_cycle_start();
+	cycle_running = true;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -786,6 +790,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 
 	SPI_finish();
 	cm_stats_cycle_done(result);
+	cycle_running = false;
 }
 
 /*
@@ -806,14 +811,18 @@ cm_sync_now(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
+	cycle_running = false;
 	PG_TRY();
 	{
 		cm_run_cycle(true, "manual", &r);
 	}
 	PG_CATCH();
 	{
+		/* a cycle that failed counts; a refusal before it started does not */
 		MemoryContextSwitchTo(cxt);
-		cm_stats_cycle_failed(CopyErrorData()->message);
+		if (cycle_running)
+			cm_stats_cycle_failed(CopyErrorData()->message);
+		cycle_running = false;
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
