@@ -70,6 +70,8 @@ typedef struct Source
 	TimestampTz watermark;
 	Oid			relid;
 	int64		staged[2];		/* rows staged: [0] dead letters, [1] read */
+	bool		has_newest_read;
+	TimestampTz newest_read;	/* newest updated_at read from queue-db */
 } Source;
 
 /*
@@ -160,7 +162,7 @@ prepare_fixed_plans(void)
 {
 	Oid			int4arg[1] = {INT4OID};
 	Oid			moveargs[2] = {INT4OID, INT2OID};
-	Oid			finishargs[2] = {INT4OID, TIMESTAMPTZOID};
+	Oid			finishargs[3] = {INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 	Oid			histargs[12] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
 		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID};
 
@@ -169,7 +171,7 @@ prepare_fixed_plans(void)
 	if (deltas_plan == NULL)
 		deltas_plan = prepare_kept(cm_sql_deltas, 0, NULL, 0);
 	if (finish_plan == NULL)
-		finish_plan = prepare_kept(cm_sql_finish_source, 2, finishargs, 0);
+		finish_plan = prepare_kept(cm_sql_finish_source, 3, finishargs, 0);
 	if (clear_plan == NULL)
 		clear_plan = prepare_kept(cm_sql_clear_batch, 0, NULL, 0);
 	if (history_plan == NULL)
@@ -490,6 +492,8 @@ stage_source(Source *src, CmCycleResult *result)
 		{
 			from = DatumGetTimestampTz(SPI_getbinval(tup, desc, 2, &isnull));
 			last_id = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+			src->newest_read = from;
+			src->has_newest_read = true;
 		}
 		src->staged[1] += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
 		SPI_freetuptable(SPI_tuptable);
@@ -521,6 +525,7 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 	int			i;
 	int			pass;
 	uint64		n;
+	bool		processed = false;
 
 	for (i = 0; i < nsources; i++)
 	{
@@ -529,24 +534,36 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 		for (pass = 0; pass < 2; pass++)
 		{
 			Datum		values[2];
-			TimestampTz newest;
+			TimestampTz newest = 0;
+			Datum		fvalues[3];
+			char		fnulls[3] = {' ', ' ', ' '};
 
-			if (src->staged[pass] == 0)
-				continue;
-			values[0] = Int32GetDatum(src->source_id);
-			values[1] = Int16GetDatum((int16) pass);
-			run_plan(move_plan, values, NULL, SPI_OK_INSERT);
-			newest = process_batch(src->source_id, deltas, poison, result);
-			if (pass == 1)
+			if (src->staged[pass] > 0)
 			{
-				Datum		fvalues[2];
-
-				fvalues[0] = Int32GetDatum(src->source_id);
-				fvalues[1] = TimestampTzGetDatum(newest);
-				run_plan(finish_plan, fvalues, NULL, SPI_OK_UPDATE);
+				values[0] = Int32GetDatum(src->source_id);
+				values[1] = Int16GetDatum((int16) pass);
+				run_plan(move_plan, values, NULL, SPI_OK_INSERT);
+				newest = process_batch(src->source_id, deltas, poison, result);
+				processed = true;
 			}
+			if (pass == 0)
+				continue;
+
+			/* every source read records it, whether or not it brought rows */
+			fvalues[0] = Int32GetDatum(src->source_id);
+			fvalues[1] = TimestampTzGetDatum(newest);
+			if (newest == 0)
+				fnulls[1] = 'n';
+			fvalues[2] = TimestampTzGetDatum(src->newest_read);
+			if (!src->has_newest_read)
+				fnulls[2] = 'n';
+			run_plan(finish_plan, fvalues, fnulls, SPI_OK_UPDATE);
 		}
 	}
+
+	/* an idle cycle has no account to lock */
+	if (!processed)
+		return true;
 
 	(void) get_process_plan(&accounts, &lock);
 	cm_report_phase("consistency_manager: locking accounts");

@@ -493,9 +493,17 @@ const char *cm_sql_sources =
 const char *cm_sql_deltas =
 	"SELECT tier, pool_value, market_value FROM cm.tier_value ORDER BY tier";
 
-/* Advance a source's watermark.  $1 source_id, $2 newest updated_at applied. */
+/*
+ * Record a source's successful read: advance its watermark and note when it
+ * was read and the newest change it saw (cm_sources() shows them without
+ * asking queue-db).  $1 source_id, $2 newest updated_at applied (NULL when
+ * nothing was), $3 newest updated_at read (NULL when nothing was).
+ */
 const char *cm_sql_finish_source =
-	"UPDATE cm.source SET watermark = greatest(watermark, $2), last_synced_at = now()"
+	"UPDATE cm.source\n"
+	"   SET watermark = greatest(watermark, $2),\n"
+	"       newest_read = greatest(newest_read, $3),\n"
+	"       last_synced_at = now()\n"
 	" WHERE source_id = $1";
 
 /* Empty the batch after it was processed (its rows were only ever seen by this cycle). */
