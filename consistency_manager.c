@@ -64,6 +64,7 @@ void
 _PG_init(void)
 {
 	cm_define_gucs();
+	cm_register_connection_release(process_shared_preload_libraries_in_progress);
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;

@@ -65,6 +65,7 @@ typedef struct CmCycleResult
 
 extern void cm_run_cycle(bool wait_for_lock, const char *trigger,
 						 CmCycleResult *result);
+extern void cm_register_connection_release(bool preloaded);
 
 /* SQL text of the cycle (cycle_sql.c). */
 extern char *cm_sql_stage_page(const char *foreign_table, const char *account_column,

@@ -811,6 +811,110 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 }
 
 /*
+ * Connections of a manual cycle.
+ *
+ * postgres_fdw keeps a connection per foreign server open for the rest of
+ * the session.  A session that only calls cm_sync_now() (a cron job, an
+ * operator) would hold one connection to queue-db per server for ever; many
+ * such sessions exhaust queue-db's max_connections.  So a manual cycle in a
+ * session that had no postgres_fdw connection before it closes the ones it
+ * opened when its transaction ends, unless asked to keep them.
+ *
+ * At commit, postgres_fdw has closed its remote transactions already (in
+ * its pre-commit callback).  At abort it does so in its abort callback, and
+ * transaction callbacks run newest first: ours must be the older one.  It is
+ * registered when the library loads; loaded at server start
+ * (shared_preload_libraries) it is always older than postgres_fdw's, loaded
+ * later by a session that used postgres_fdw first it may not be, and then
+ * connections are closed at commit only.
+ */
+static bool release_on_abort = false;
+static bool release_pending = false;
+static PGFunction fdw_disconnect_all = NULL;
+
+/*
+ * release_connections_callback
+ *		At the end of the transaction of a manual cycle that asked for it,
+ *		close postgres_fdw's connections (postgres_fdw_disconnect_all).
+ */
+static void
+release_connections_callback(XactEvent event, void *arg)
+{
+	if (!release_pending)
+		return;
+	if (event != XACT_EVENT_COMMIT && event != XACT_EVENT_ABORT)
+		return;
+	release_pending = false;
+	if (event == XACT_EVENT_ABORT && !release_on_abort)
+		return;
+	if (fdw_disconnect_all != NULL)
+	{
+		LOCAL_FCINFO(dfcinfo, 0);
+
+		InitFunctionCallInfoData(*dfcinfo, NULL, 0, InvalidOid, NULL, NULL);
+		(void) fdw_disconnect_all(dfcinfo);
+	}
+}
+
+/*
+ * session_has_fdw_connections
+ *		Whether this session holds open postgres_fdw connections now
+ *		(postgres_fdw_get_connections()).
+ */
+static bool
+session_has_fdw_connections(void)
+{
+	bool		has = false;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute("SELECT n.nspname FROM pg_catalog.pg_extension e"
+					"  JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace"
+					" WHERE e.extname = 'postgres_fdw'", true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		char	   *nsp = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+		if (SPI_execute(psprintf("SELECT 1 FROM %s.postgres_fdw_get_connections() LIMIT 1",
+								 quote_identifier(nsp)), true, 1) == SPI_OK_SELECT)
+			has = SPI_processed > 0;
+	}
+	SPI_finish();
+	return has;
+}
+
+/*
+ * plan_connection_release
+ *		Called by cm_sync_now() before the cycle: arrange for the
+ *		connections the cycle opens to be closed at the end of the
+ *		transaction, unless keep is set or the session already had some.
+ */
+static void
+plan_connection_release(bool keep)
+{
+	release_pending = false;
+	if (keep || session_has_fdw_connections())
+		return;
+	if (fdw_disconnect_all == NULL)
+		fdw_disconnect_all = load_external_function("$libdir/postgres_fdw",
+													"postgres_fdw_disconnect_all",
+													false, NULL);
+	release_pending = fdw_disconnect_all != NULL;
+}
+
+/*
+ * cm_register_connection_release
+ *		Register release_connections_callback; called when the library
+ *		loads (see above).
+ */
+void
+cm_register_connection_release(bool preloaded)
+{
+	release_on_abort = preloaded;
+	RegisterXactCallback(release_connections_callback, NULL);
+}
+
+/*
  * cm_sync_now() returns record
  *		Run a sync cycle now, in the caller's transaction, and say what it
  *		did.  Waits for a cycle the worker is running.  A failure is
@@ -827,6 +931,9 @@ cm_sync_now(PG_FUNCTION_ARGS)
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
+
+	/* cm_sync_now(keep_connections boolean); the 1.0 form has no argument */
+	plan_connection_release(PG_NARGS() > 0 && !PG_ARGISNULL(0) && PG_GETARG_BOOL(0));
 
 	cycle_running = false;
 	PG_TRY();
