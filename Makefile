@@ -6,6 +6,7 @@ OBJS = \
 	consistency_manager.o \
 	src/cycle.o \
 	src/cycle_sql.o \
+	src/guard.o \
 	src/guc.o \
 	src/launcher.o \
 	src/remote.o \

@@ -65,6 +65,7 @@ _PG_init(void)
 {
 	cm_define_gucs();
 	cm_register_connection_release(process_shared_preload_libraries_in_progress);
+	cm_install_drop_guard();
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;

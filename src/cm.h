@@ -67,6 +67,9 @@ extern void cm_run_cycle(bool wait_for_lock, const char *trigger,
 						 CmCycleResult *result);
 extern void cm_register_connection_release(bool preloaded);
 
+/* The warning before DROP EXTENSION (guard.c). */
+extern void cm_install_drop_guard(void);
+
 /* SQL text of the cycle (cycle_sql.c). */
 extern char *cm_sql_stage_page(const char *foreign_table, const char *account_column,
 							   const char *type_expr);

@@ -46,10 +46,15 @@ my $before = $balances->();
 # ---------------------------------------------------------------------------
 # reinstall: the ledger is gone, portfolio_transactions stays
 # ---------------------------------------------------------------------------
-$node->safe_psql('portfolio', q{
+my ($rc, $out, $err) = $node->psql('portfolio', q{
 	DROP EXTENSION consistency_manager;
 	CREATE EXTENSION consistency_manager;
 });
+is($rc, 0, 'reinstall: DROP and CREATE EXTENSION succeed');
+like($err, qr/WARNING:  dropping extension consistency_manager drops its ledger \(400 requests\), dead letters, cycle history and tier values/,
+	'DROP EXTENSION warns that the ledger goes with it');
+like($err, qr/HINT:  To keep this state, roll back and use ALTER EXTENSION consistency_manager UPDATE/,
+	'and says what to do instead');
 set_tiers($node, 'exact');
 $node->safe_psql('portfolio', q{SELECT cm_attach_queue('queue_server')});
 my $r = $node->safe_psql('portfolio',
