@@ -218,13 +218,14 @@ after_failure(const char *message, TimestampTz started)
 
 /*
  * run_one_cycle
- *		One cycle in its own transaction.  Returns true on success; on
- *		failure copies the error message into *message (in cxt).
+ *		One cycle in its own transaction.  Returns NULL on success; on
+ *		failure, what PostgreSQL reported (message, DETAIL, HINT, SQLSTATE),
+ *		copied into cxt.
  */
-static bool
-run_one_cycle(MemoryContext cxt, char **message, int *sqlerrcode, CmCycleResult *r)
+static ErrorData *
+run_one_cycle(MemoryContext cxt, CmCycleResult *r)
 {
-	volatile bool ok = true;
+	ErrorData  *volatile failure = NULL;
 
 	PG_TRY();
 	{
@@ -247,19 +248,54 @@ run_one_cycle(MemoryContext cxt, char **message, int *sqlerrcode, CmCycleResult 
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
-		*message = edata->message ? edata->message : pstrdup("unknown error");
-		*sqlerrcode = edata->sqlerrcode;
+		if (edata->message == NULL)
+			edata->message = pstrdup("unknown error");
 		if (cm_cycle_deadline_expired())
 		{
-			*message = psprintf("cycle exceeded consistency_manager.cycle_timeout (%d ms) and was ended: %s",
-								cm_cycle_timeout, *message);
-			*sqlerrcode = ERRCODE_QUERY_CANCELED;
+			edata->message = psprintf("cycle exceeded consistency_manager.cycle_timeout (%d ms) and was ended: %s",
+									  cm_cycle_timeout, edata->message);
+			edata->sqlerrcode = ERRCODE_QUERY_CANCELED;
 		}
-		ok = false;
+		failure = edata;
 	}
 	PG_END_TRY();
 	cm_remote_check_exit();
-	return ok;
+	return failure;
+}
+
+/*
+ * failure_text
+ *		One line for cm_stats().last_error and cm.cycle_history.error: the
+ *		message, PostgreSQL's DETAIL and HINT, and the SQLSTATE.
+ */
+static char *
+failure_text(const ErrorData *e)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, e->message);
+	if (e->detail)
+		appendStringInfo(&buf, " DETAIL: %s", e->detail);
+	if (e->hint)
+		appendStringInfo(&buf, " HINT: %s", e->hint);
+	appendStringInfo(&buf, " (SQLSTATE %s)", unpack_sql_state(e->sqlerrcode));
+	return buf.data;
+}
+
+/*
+ * retry_cannot_fix
+ *		Whether retrying a failed cycle cannot help until somebody acts:
+ *		a missing object or privilege, a syntax or definition problem
+ *		(class 42), an authorization failure (class 28), a prerequisite
+ *		state such as an extension update (55000).
+ */
+static bool
+retry_cannot_fix(int sqlerrcode)
+{
+	return ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_SYNTAX_ERROR_OR_ACCESS_RULE_VIOLATION ||
+		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION ||
+		sqlerrcode == ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
 }
 
 /*
@@ -395,13 +431,13 @@ cm_worker_main(Datum main_arg)
 		else
 		{
 			CmCycleResult r;
-			char	   *message = NULL;
-			int			sqlerrcode = 0;
+			ErrorData  *failure;
 			TimestampTz started = GetCurrentTimestamp();
 
 			announced_wait = EXTENSION_READY;
 			cm_set_worker_state("running a cycle");
-			if (run_one_cycle(loop_cxt, &message, &sqlerrcode, &r))
+			failure = run_one_cycle(loop_cxt, &r);
+			if (failure == NULL)
 			{
 				if (failures > 0)
 					ereport(LOG,
@@ -415,16 +451,26 @@ cm_worker_main(Datum main_arg)
 			}
 			else
 			{
+				char	   *message = failure->message;
+				char	   *text = failure_text(failure);
 				bool		changed = last_error == NULL || strcmp(last_error, message) != 0;
 
 				failures++;
 				timeout = cm_backoff_ms(cm_polling_interval, failures);
-				cm_stats_cycle_failed(message);
+				cm_stats_cycle_failed(text);
+
+				/* PostgreSQL's DETAIL and HINT first, then ours */
 				ereport(changed ? WARNING : DEBUG1,
-						(errcode(sqlerrcode),
+						(errcode(failure->sqlerrcode),
 						 errmsg("consistency_manager cycle failed: %s", message),
+						 failure->detail ?
+						 errdetail("%s\n%d consecutive failures; next try in %ld ms.",
+								   failure->detail, failures, timeout) :
 						 errdetail("%d consecutive failures; next try in %ld ms.", failures, timeout),
-						 errhint("See cm_health() and cm_stats(); the worker retries on its own.")));
+						 failure->hint ? errhint("%s", failure->hint) :
+						 retry_cannot_fix(failure->sqlerrcode) ?
+						 errhint("Retrying does not fix this: correct the cause, then SELECT cm_wake() retries at once.") :
+						 errhint("See cm_health() and cm_stats(); the worker retries on its own, and SELECT cm_wake() retries at once.")));
 				if (changed)
 				{
 					MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -434,7 +480,7 @@ cm_worker_main(Datum main_arg)
 					last_error = pstrdup(message);
 					MemoryContextSwitchTo(old);
 				}
-				after_failure(message, started);
+				after_failure(text, started);
 			}
 			cm_set_worker_state(failures > 0 ? "backing off after a failure" : "idle");
 			pgstat_report_activity(STATE_IDLE, "consistency_manager: waiting for the next cycle");

@@ -28,7 +28,7 @@ typedef struct CmDatabaseStats
 	int64		dead_lettered;
 	int64		errors;
 	int64		consecutive_failures;
-	char		last_error[256];
+	char		last_error[1024];	/* message, DETAIL, HINT, SQLSTATE */
 	TimestampTz last_error_at;
 	TimestampTz last_cycle_start;
 	TimestampTz last_cycle_end;
