@@ -14,7 +14,11 @@
 #      (10M with BENCH_FULL=1);
 #   4. an idle cycle;
 #   5. commit-to-visible latency with the worker (1 s interval, and cm_wake());
-#   6. the worker's RSS after 100, 10k idle and 10k busy cycles.
+#   6. the worker's RSS after 100, 10k idle and 10k busy cycles;
+#   7. beside the application: a 200k catch-up alone and under an
+#      application load (pgbench, single-row UPDATEs of random accounts),
+#      with the application's UPDATE latency (p50/p99/max) during the
+#      catch-up and without it.
 # Prints a table, and writes bench/results/latest.json and latest.md.
 #
 #   bash bench/run.sh                  default run (about 20 minutes on 2 cores)
@@ -43,6 +47,7 @@ if [ -n "${BENCH_QUICK:-}" ]; then
     IDLE_RUNS=20
     LAT_N=10
     MEM_FIRST=100; MEM_IDLE=500; MEM_BUSY=500; MEM_BUDGET=60
+    BESIDE_SIZE=40000
 elif [ -n "${BENCH_FULL:-}" ]; then
     MODE=full
 else
@@ -57,6 +62,7 @@ if [ "$MODE" != quick ]; then
     IDLE_RUNS=50
     LAT_N=50
     MEM_FIRST=100; MEM_IDLE=10000; MEM_BUSY=10000; MEM_BUDGET=${BENCH_MEM_BUDGET:-240}
+    BESIDE_SIZE=200000
 fi
 
 cm_install_packages python3-psycopg2 time
@@ -120,7 +126,7 @@ reset_portfolio() {
 # sync_once -> "rows_read created updated applied dead_lettered ms"
 sync_once() {
     "${PSQL[@]}" -d portfolio -At -F ' ' -c '\timing on' \
-        -c "SELECT rows_read, created, updated, completed_applied, dead_lettered FROM cm_sync_now()" |
+        -c "SELECT rows_read, created, updated, completed_applied, dead_lettered FROM cm_sync_now(keep_connections => true)" |
         awk '/^Time:/ {t=$2} !/^Time:/ {r=$0} END {print r, t}'
 }
 
@@ -238,7 +244,7 @@ incremental() {
     # 4. idle: nothing changed since the last cycle
     local idle=() srv=() i out cmds=(-c '\timing on')
     for i in $(seq 1 "$IDLE_RUNS"); do
-        cmds+=(-c "SELECT rows_read, created + updated, duration_ms FROM cm_sync_now()")
+        cmds+=(-c "SELECT rows_read, created + updated, duration_ms FROM cm_sync_now(keep_connections => true)")
     done
     out=$("${PSQL[@]}" -d portfolio -At "${cmds[@]}")
     mapfile -t idle < <(printf '%s\n' "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p')
@@ -254,7 +260,7 @@ incremental() {
     local inc=() rr=""
     for i in $(seq 1 "$INCR_RUNS"); do
         out=$("${PSQL[@]}" -d portfolio -At -F ' ' -c '\timing on' -c 'BEGIN' \
-              -c "SELECT rows_read, updated, completed_applied FROM cm_sync_now()" -c 'ROLLBACK')
+              -c "SELECT rows_read, updated, completed_applied FROM cm_sync_now(keep_connections => true)" -c 'ROLLBACK')
         set -- $(printf '%s\n' "$out" | grep -v '^Time:')
         [ "$3" = "$INCR_CHANGED" ] || { echo "incremental cycle applied $3, not $INCR_CHANGED: $out" >&2; exit 1; }
         rr=$1
@@ -321,6 +327,58 @@ worker_phase() {
     sync_once >/dev/null
 }
 
+# ---------------------------------------------------------------- 7. beside the application
+# The application updates single accounts (random, two clients, 500
+# transactions per second in all: a busy application that leaves the
+# cycle some CPU on a 2-core machine) while a catch-up of BESIDE_SIZE rows
+# runs; pgbench logs every transaction
+# (-l), and the latencies of those that ended during the catch-up are the
+# figure.  The same catch-up alone is the baseline.
+beside_phase() {
+    local size=$1 n alone loaded t0 t1 dur
+    say "beside the application: $size-row catch-up, alone and under an application load"
+    grow_queue "$size"
+    n=$(queue_rows)
+    reset_portfolio
+    set -- $(sync_once); [ "$2" = "$n" ] || { echo "catch-up created $2 of $n rows" >&2; exit 1; }
+    alone=$6
+    reset_portfolio
+    cat > "$WORK/app.sql" <<'SQL'
+\set a random(0, :accounts - 1)
+UPDATE user_portfolios SET tier1_value = tier1_value + 1, total_value = total_value + 1
+ WHERE accountid = 'A' || lpad(:a::text, 9, '0');
+SQL
+    dur=$(python3 -c "print(int($alone / 1000 * 2.5) + 8)")
+    rm -f "$WORK"/beside.*
+    (cd "$WORK" && pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -c 2 -j 1 -R 500 -T "$dur" -l --log-prefix=beside \
+        -D accounts="$ACCOUNTS" -f app.sql portfolio > pgbench.out 2>&1) &
+    local pgb=$!
+    sleep 3
+    t0=$(date +%s.%N)
+    set -- $(sync_once)
+    t1=$(date +%s.%N)
+    local created=$2
+    loaded=$6
+    wait $pgb || { cat "$WORK/pgbench.out" >&2; exit 1; }
+    # latency (ms) of the application's transactions during and outside the catch-up
+    local during outside
+    during=$(cat "$WORK"/beside.* | awk -v a="$t0" -v b="$t1" '($5 + $6 / 1e6) >= a && ($5 + $6 / 1e6) <= b {print $3 / 1000}' | sort -n)
+    outside=$(cat "$WORK"/beside.* | awk -v a="$t0" -v b="$t1" '($5 + $6 / 1e6) < a || ($5 + $6 / 1e6) > b {print $3 / 1000}' | sort -n)
+    pct() { printf '%s\n' "$1" | awk -v p="$2" '{v[NR]=$1} END {if (NR == 0) {print 0; exit} i=int(NR*p); if (i < 1) i=1; if (i > NR) i=NR; print v[i]}'; }
+    local lost=$(( created == n ? 0 : 1 ))
+    record beside.catchup_alone "$size" "$n" '{}' "$alone"
+    record beside.catchup_loaded "$size" "$n" "{\"cycles_lost\":$lost,\"created\":$created}" "$loaded"
+    record beside.app_update_during "$size" "$(printf '%s\n' "$during" | grep -c .)" \
+        "{\"p50_ms\":$(pct "$during" 0.5),\"p99_ms\":$(pct "$during" 0.99),\"max_ms\":$(pct "$during" 1)}" \
+        "$(pct "$during" 0.99)"
+    record beside.app_update_outside "$size" "$(printf '%s\n' "$outside" | grep -c .)" \
+        "{\"p50_ms\":$(pct "$outside" 0.5),\"p99_ms\":$(pct "$outside" 0.99),\"max_ms\":$(pct "$outside" 1)}" \
+        "$(pct "$outside" 0.99)"
+    say "  catch-up alone $alone ms, under load $loaded ms (created $created of $n);" \
+        "application UPDATE during it p50/p99/max $(pct "$during" 0.5)/$(pct "$during" 0.99)/$(pct "$during" 1) ms," \
+        "outside it $(pct "$outside" 0.5)/$(pct "$outside" 0.99)/$(pct "$outside" 1) ms"
+}
+
 # ---------------------------------------------------------------- the run
 set -- $CATCHUP_RUNS
 runs_small=$1 runs_big=$2
@@ -329,6 +387,7 @@ size_small=$1 size_big=$2
 catchup "$size_small" "$runs_small"
 incremental "$size_small"
 worker_phase
+beside_phase "$BESIDE_SIZE"
 catchup "$size_big" "$runs_big"
 for s in $INCR_SIZES; do
     [ "$s" = "$size_small" ] && continue

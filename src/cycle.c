@@ -799,7 +799,20 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	}
 	cm_remote_read_end();
 	apply_with_retry(sources, nsources, deltas, result);
-	run_plan(clear_stage_plan, NULL, NULL, SPI_OK_UTILITY);
+
+	/*
+	 * Empty the scratch tables only when something was staged: a TRUNCATE
+	 * invalidates every plan that uses them, and an idle cycle would then
+	 * plan its statements afresh each time.
+	 */
+	for (i = 0; i < nsources; i++)
+	{
+		if (sources[i].staged[0] + sources[i].staged[1] > 0)
+		{
+			run_plan(clear_stage_plan, NULL, NULL, SPI_OK_UTILITY);
+			break;
+		}
+	}
 
 	result->finished_at = GetCurrentTimestamp();
 	result->duration_ms = (double) (result->finished_at - result->started_at) / 1000.0;
