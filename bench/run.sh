@@ -24,6 +24,7 @@
 #   bash bench/run.sh                  default run (about 20 minutes on 2 cores)
 #   BENCH_FULL=1 bash bench/run.sh     incremental at 10M rows too (+15-20 min)
 #   BENCH_QUICK=1 bash bench/run.sh    small sizes, a smoke test (about 2 min)
+#   BENCH_ONLY=beside ...              only phase 7 (beside the application)
 #   CM_SKIP_BUILD=1 ...                use the installed build
 #   CM_KEEP=1 ...                      keep the cluster directory afterwards
 #
@@ -151,6 +152,7 @@ pf -f "$CM_ROOT/test/fixtures/portfolio_db.sql" -v port="$PORT" -v accounts="$AC
 # ---------------------------------------------------------------- 2. legacy
 # The same rows three ways, each from an empty portfolio: the cycle, the
 # per-row-commit service, the connection-per-row service.
+if [ "${BENCH_ONLY:-}" != beside ]; then
 say "legacy: $LEGACY_ROWS rows, cycle vs row-at-a-time Python"
 grow_queue "$LEGACY_ROWS"
 N=$(queue_rows)
@@ -178,6 +180,7 @@ done
 record legacy.cycle "$N" "$N" '{}' "${c_ms[@]}"
 record legacy.commit_per_row "$N" "$N" '{}' "${b_ms[@]}"
 record legacy.conn_per_row "$N" "$N" '{}' "${a_ms[@]}"
+fi
 
 # ---------------------------------------------------------------- 1. catch-up
 catchup() {
@@ -380,6 +383,9 @@ SQL
 }
 
 # ---------------------------------------------------------------- the run
+if [ "${BENCH_ONLY:-}" = beside ]; then
+    beside_phase "$BESIDE_SIZE"
+else
 set -- $CATCHUP_RUNS
 runs_small=$1 runs_big=$2
 set -- $CATCHUP_SIZES
@@ -393,6 +399,7 @@ for s in $INCR_SIZES; do
     [ "$s" = "$size_small" ] && continue
     incremental "$s"
 done
+fi
 
 # ---------------------------------------------------------------- report
 mkdir -p "$RESULTS"
