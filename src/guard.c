@@ -85,11 +85,13 @@ cm_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 	{
 		int64		n = ledger_size();
 
-		ereport(WARNING,
-				(errmsg("dropping extension consistency_manager drops its ledger%s, dead letters, cycle history and tier values",
-						n >= 0 ? psprintf(" (%lld requests)", (long long) n) : ""),
-				 errdetail("Balances are not changed.  After CREATE EXTENSION and cm_attach_queue(), requests already in portfolio_transactions are adopted, not applied again; reversing a completion adopted that way is dead-lettered, because what it multiplied is no longer known."),
-				 errhint("To keep this state, roll back and use ALTER EXTENSION consistency_manager UPDATE, or pg_dump the database first.")));
+		/* an empty ledger loses nothing worth a warning */
+		if (n != 0)
+			ereport(WARNING,
+					(errmsg("dropping extension consistency_manager drops its ledger%s, dead letters, cycle history and tier values",
+							n >= 0 ? psprintf(" (%lld requests)", (long long) n) : ""),
+					 errdetail("Balances are not changed.  After CREATE EXTENSION and cm_attach_queue(), requests already in portfolio_transactions are adopted, not applied again; reversing a completion adopted that way is dead-lettered, because what it multiplied is no longer known."),
+					 errhint("To keep this state, roll back and use ALTER EXTENSION consistency_manager UPDATE, or pg_dump the database first.")));
 	}
 	if (prev_process_utility)
 		prev_process_utility(pstmt, queryString, readOnlyTree, context, params,
