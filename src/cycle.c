@@ -588,12 +588,13 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 
 			MemoryContextSwitchTo(oldcxt);
 			edata = CopyErrorData();
-			if (!retryable_error(edata->sqlerrcode) || attempt >= CM_LOCK_RETRIES)
-				PG_RE_THROW();
 			FlushErrorState();
+			/* back to the user, settings and owner of BEGIN, before a re-throw too */
 			RollbackAndReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(oldcxt);
 			CurrentResourceOwner = oldowner;
+			if (!retryable_error(edata->sqlerrcode) || attempt >= CM_LOCK_RETRIES)
+				ReThrowError(edata);
 
 			*result = saved;
 			result->lock_retries = saved.lock_retries + attempt + 1;
