@@ -7,6 +7,7 @@ OBJS = \
 	src/cycle.o \
 	src/cycle_sql.o \
 	src/guc.o \
+	src/privilege.o \
 	src/remote.o \
 	src/stats.o \
 	src/tier_math.o \

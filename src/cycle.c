@@ -656,6 +656,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	int			nsources;
 	Datum		deltas;
 	int			i;
+	CmRoleSwitch sync_role;
 
 	memset(result, 0, sizeof(*result));
 	result->started_at = GetCurrentTimestamp();
@@ -685,6 +686,8 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 		return;
 	result->ran = true;
 	cm_stats_cycle_start();
+	/* from here to the history, all of it runs as the sync role (privilege.c) */
+	cm_become_sync_role(&sync_role);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -708,6 +711,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	record_history(trigger, result);
 
 	SPI_finish();
+	cm_restore_role(&sync_role);
 	cm_stats_cycle_done(result);
 }
 
