@@ -15,6 +15,7 @@
 #include "access/tableam.h"
 #include "catalog/indexing.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_extension.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
@@ -62,13 +63,28 @@ cm_target_relid(const char *relname, bool missing_ok)
 /*
  * cm.target_table(name text) returns regclass
  *		SQL face of cm_target_relid, for the functions written in SQL.
+ *
+ * Those functions (cm_preview) read the table with the rights of the
+ * extension's owner, a superuser.  A plain or partitioned table runs no
+ * user code when read that way (a superuser is exempt from row-level
+ * security); a view of the same name would run its functions with those
+ * rights, so anything but a table is refused.
  */
 Datum
 cm_target_table(PG_FUNCTION_ARGS)
 {
 	char	   *relname = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	Oid			relid = cm_target_relid(relname, false);
+	char		relkind = get_rel_relkind(relid);
 
-	PG_RETURN_OID(cm_target_relid(relname, false));
+	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is not a table", get_rel_name(relid)),
+				 errdetail("consistency_manager reads %s with its owner's rights, which the code of a view would run with too.",
+						   relname),
+				 errhint("Make %s a table in consistency_manager.portfolio_schema.", relname)));
+	PG_RETURN_OID(relid);
 }
 
 /*

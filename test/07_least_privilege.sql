@@ -15,7 +15,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(37);
+SELECT plan(38);
 
 \ir lib/helpers.sql
 
@@ -218,6 +218,14 @@ SELECT ok(
     'cm_health() warns when the sync role is a superuser');
 SELECT is((SELECT missing::text FROM cm_check_sync_role() WHERE privilege = 'NOSUPERUSER'), 'true',
     'cm_check_sync_role() (the configured sync role) flags a superuser');
+
+-- cm_preview reads an account with its owner's rights: never through a view ---------
+CREATE SCHEMA cm_t_views;
+CREATE VIEW cm_t_views.user_portfolios AS SELECT * FROM public.user_portfolios;
+SET LOCAL consistency_manager.portfolio_schema = 'cm_t_views';
+SELECT throws_ok($$SELECT * FROM cm_preview('P1')$$, '42809', '"user_portfolios" is not a table',
+    'cm_preview() refuses a view named user_portfolios (its code would run as the extension''s owner)');
+RESET consistency_manager.portfolio_schema;
 
 SELECT * FROM finish();
 ROLLBACK;
