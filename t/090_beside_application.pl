@@ -135,7 +135,7 @@ close $fh;
 # about the cycle.  It runs for the whole catch-up.
 my ($pgb_out, $pgb_err) = ('', '');
 my $pgbench = IPC::Run::start(
-	[ 'pgbench', '-n', '-c', '1', '-T', '15', '-f', $script, '-d', $node->connstr('portfolio') ],
+	[ 'pgbench', '-n', '-c', '1', '-T', '15', '-f', $script, $node->connstr('portfolio') ],
 	'>', \$pgb_out, '2>', \$pgb_err);
 
 # the queue fills in ten chunks while the application runs, a cycle after
