@@ -9,6 +9,7 @@ OBJS = \
 	src/guard.o \
 	src/guc.o \
 	src/launcher.o \
+	src/privilege.o \
 	src/remote.o \
 	src/stats.o \
 	src/tier_math.o \

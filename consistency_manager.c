@@ -153,13 +153,7 @@ extension_ready(bool *exists)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	*exists = OidIsValid(get_extension_oid(CM_NAME, true));
 	if (*exists)
-	{
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		if (SPI_execute("SELECT 1 FROM cm.source WHERE enabled LIMIT 1", true, 1) == SPI_OK_SELECT)
-			ready = SPI_processed > 0;
-		SPI_finish();
-	}
+		ready = cm_has_enabled_source();	/* even without privileges on cm */
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	return ready;
@@ -209,7 +203,9 @@ after_failure(const char *message, TimestampTz started)
 	PG_CATCH();
 	{
 		MemoryContextSwitchTo(oldcxt);
-		EmitErrorReport();
+		/* a role not granted cm.* yet: the cycle's failure already said so */
+		if (geterrcode() != ERRCODE_INSUFFICIENT_PRIVILEGE)
+			EmitErrorReport();
 		FlushErrorState();
 		AbortCurrentTransaction();
 	}

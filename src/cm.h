@@ -8,7 +8,8 @@
  * applies what changed, exactly once, in one local transaction.  This header
  * is the map of the pieces: the GUCs (guc.c), the cycle (cycle.c and the SQL
  * it runs, cycle_sql.c), the shared-memory statistics (stats.c), the tier
- * math (tier_math.c), and small helpers (util.c).
+ * math (tier_math.c), running the cycle as the sync role (privilege.c),
+ * and small helpers (util.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -91,6 +92,22 @@ extern Oid	cm_target_relid(const char *relname, bool missing_ok);
 extern bool cm_lock_cycle(bool wait);
 extern char *cm_installed_version(void);
 extern void cm_check_schema_version(void);
+extern bool cm_has_enabled_source(void);
+
+/*
+ * Least privilege (privilege.c): the cycle runs as the sync role, inside a
+ * security-restricted operation with a GUC nest level of its own.
+ */
+typedef struct CmRoleSwitch
+{
+	Oid			save_userid;	/* restored by cm_restore_role */
+	int			save_sec_context;
+	int			save_nestlevel;
+} CmRoleSwitch;
+
+extern Oid	cm_sync_role(void);
+extern void cm_become_sync_role(CmRoleSwitch *sw);
+extern void cm_restore_role(CmRoleSwitch *sw);
 
 /* Bounded, interruptible remote waits in the worker (remote.c). */
 extern void cm_worker_sigterm(SIGNAL_ARGS);

@@ -684,12 +684,13 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 
 			MemoryContextSwitchTo(oldcxt);
 			edata = CopyErrorData();
-			if (!retryable_error(edata->sqlerrcode) || attempt >= CM_LOCK_RETRIES)
-				PG_RE_THROW();
 			FlushErrorState();
+			/* back to the user, settings and owner of BEGIN, before a re-throw too */
 			RollbackAndReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(oldcxt);
 			CurrentResourceOwner = oldowner;
+			if (!retryable_error(edata->sqlerrcode) || attempt >= CM_LOCK_RETRIES)
+				ReThrowError(edata);
 
 			attempt++;
 			*result = saved;
@@ -753,6 +754,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	int			nsources;
 	Datum		deltas;
 	int			i;
+	CmRoleSwitch sync_role;
 
 	memset(result, 0, sizeof(*result));
 	result->started_at = GetCurrentTimestamp();
@@ -783,6 +785,8 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	result->ran = true;
 	cm_stats_cycle_start();
 	cycle_running = true;
+	/* from here to the history, all of it runs as the sync role (privilege.c) */
+	cm_become_sync_role(&sync_role);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -819,6 +823,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	record_history(trigger, result);
 
 	SPI_finish();
+	cm_restore_role(&sync_role);
 	cm_stats_cycle_done(result);
 	cycle_running = false;
 }

@@ -56,8 +56,8 @@ cm_define_gucs(void)
 							   NULL, NULL, NULL);
 
 	DefineCustomStringVariable("consistency_manager.role",
-							   "Role the background worker runs the sync cycle as.",
-							   "Empty means the bootstrap superuser.",
+							   "Role the background worker connects as, and the sync role the cycle runs as.",
+							   "Empty: the worker connects as the bootstrap superuser and the cycle runs as the owner of user_portfolios.",
 							   &cm_role,
 							   "",
 							   start_context,

@@ -2,7 +2,8 @@
  *
  * util.c
  *		Small helpers shared by the SQL functions and the cycle: finding
- *		the application's tables, and the lock that serialises cycles.
+ *		the application's tables, the lock that serialises cycles, and what
+ *		the worker asks before it runs one.
  *
  *-------------------------------------------------------------------------
  */
@@ -11,9 +12,12 @@
 #include "access/genam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
+#include "access/tableam.h"
 #include "catalog/indexing.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_extension.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
@@ -21,6 +25,7 @@
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 
 #include "cm.h"
 
@@ -58,13 +63,28 @@ cm_target_relid(const char *relname, bool missing_ok)
 /*
  * cm.target_table(name text) returns regclass
  *		SQL face of cm_target_relid, for the functions written in SQL.
+ *
+ * Those functions (cm_preview) read the table with the rights of the
+ * extension's owner, a superuser.  A plain or partitioned table runs no
+ * user code when read that way (a superuser is exempt from row-level
+ * security); a view of the same name would run its functions with those
+ * rights, so anything but a table is refused.
  */
 Datum
 cm_target_table(PG_FUNCTION_ARGS)
 {
 	char	   *relname = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	Oid			relid = cm_target_relid(relname, false);
+	char		relkind = get_rel_relkind(relid);
 
-	PG_RETURN_OID(cm_target_relid(relname, false));
+	if (relkind != RELKIND_RELATION && relkind != RELKIND_PARTITIONED_TABLE)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("\"%s\" is not a table", get_rel_name(relid)),
+				 errdetail("consistency_manager reads %s with its owner's rights, which the code of a view would run with too.",
+						   relname),
+				 errhint("Make %s a table in consistency_manager.portfolio_schema.", relname)));
+	PG_RETURN_OID(relid);
 }
 
 /*
@@ -162,4 +182,49 @@ Datum
 cm_library_version(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_TEXT_P(cstring_to_text(CM_SCHEMA_VERSION));
+}
+
+/*
+ * cm_has_enabled_source
+ *		Whether cm.source has an enabled row: the worker's question before
+ *		each turn.
+ *
+ * Read directly, without a privilege check, because the worker may be
+ * connected as a sync role that has not been granted anything yet: it must
+ * then still run its cycle, which fails with a message that names what is
+ * missing, rather than fail here, outside any error handler, and be
+ * restarted by the postmaster every few seconds.  It reads one boolean of
+ * the extension's own table and runs no user code.  The caller has a
+ * transaction and an active snapshot.
+ */
+bool
+cm_has_enabled_source(void)
+{
+	Oid			nsp = get_namespace_oid("cm", true);
+	Oid			relid = OidIsValid(nsp) ? get_relname_relid("source", nsp) : InvalidOid;
+	Relation	rel;
+	TableScanDesc scan;
+	TupleTableSlot *slot;
+	AttrNumber	attnum;
+	bool		found = false;
+
+	if (!OidIsValid(relid))
+		return false;
+	rel = table_open(relid, AccessShareLock);
+	attnum = get_attnum(relid, "enabled");
+	if (attnum == InvalidAttrNumber)
+		elog(ERROR, "cm.source has no column \"enabled\"");
+	slot = table_slot_create(rel, NULL);
+	scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
+	while (!found && table_scan_getnextslot(scan, ForwardScanDirection, slot))
+	{
+		bool		isnull;
+		Datum		enabled = slot_getattr(slot, attnum, &isnull);
+
+		found = !isnull && DatumGetBool(enabled);
+	}
+	table_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	table_close(rel, AccessShareLock);
+	return found;
 }

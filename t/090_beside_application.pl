@@ -136,7 +136,7 @@ close $fh;
 # (output to files: nothing reads pipes while the test runs cycles)
 my ($pgb_outfile, $pgb_errfile) = ($node->basedir . '/pgbench.out', $node->basedir . '/pgbench.err');
 my $pgbench = IPC::Run::start(
-	[ 'pgbench', '-n', '-c', '1', '-T', '15', '-f', $script, '-d', $node->connstr('portfolio') ],
+	[ 'pgbench', '-n', '-c', '1', '-T', '15', '-f', $script, $node->connstr('portfolio') ],
 	'>', $pgb_outfile, '2>', $pgb_errfile);
 
 # the queue fills in ten chunks while the application runs, a cycle after

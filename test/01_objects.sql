@@ -10,7 +10,7 @@ BEGIN;
 SET LOCAL client_min_messages = warning;
 CREATE ROLE cm_nobody NOLOGIN;
 
-SELECT plan(62);
+SELECT plan(76);
 
 -- schemas ---------------------------------------------------------------------
 SELECT has_schema('cm', 'schema cm (internal state) exists');
@@ -100,6 +100,8 @@ SELECT has_function('public', 'cm_worker_start', ARRAY[]::text[], 'function cm_w
 SELECT has_function('public', 'cm_worker_stop', ARRAY[]::text[], 'function cm_worker_stop() exists');
 SELECT has_function('public', 'cm_health', ARRAY[]::text[], 'function cm_health() exists');
 SELECT has_function('public', 'cm_status', ARRAY[]::text[], 'function cm_status() exists');
+SELECT has_function('public', 'cm_grant_sync_role', ARRAY['regrole'], 'function cm_grant_sync_role(regrole) exists');
+SELECT has_function('public', 'cm_check_sync_role', ARRAY['regrole'], 'function cm_check_sync_role(regrole) exists');
 
 SELECT function_privs_are('public', 'cm_tier_delta', ARRAY['numeric', 'numeric'], 'cm_nobody', ARRAY[]::text[],
     'PUBLIC cannot execute cm_tier_delta');
@@ -127,6 +129,20 @@ SELECT function_privs_are('public', 'cm_health', ARRAY[]::text[], 'cm_nobody', A
     'PUBLIC cannot execute cm_health');
 SELECT function_privs_are('public', 'cm_status', ARRAY[]::text[], 'cm_nobody', ARRAY[]::text[],
     'PUBLIC cannot execute cm_status');
+SELECT function_privs_are('public', 'cm_grant_sync_role', ARRAY['regrole'], 'cm_nobody', ARRAY[]::text[],
+    'PUBLIC cannot execute cm_grant_sync_role');
+SELECT function_privs_are('public', 'cm_check_sync_role', ARRAY['regrole'], 'cm_nobody', ARRAY[]::text[],
+    'PUBLIC cannot execute cm_check_sync_role');
+
+-- pg_monitor may read, out of the box; it may change nothing
+SELECT set_eq($$
+    SELECT p.proname::text
+      FROM pg_proc p
+      JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+      JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'consistency_manager'
+     WHERE has_function_privilege('pg_monitor', p.oid, 'EXECUTE')
+$$, $$VALUES ('cm_stats'), ('cm_health'), ('cm_status'), ('cm_sources'), ('cm_tier_deltas')$$,
+    'pg_monitor may execute exactly the read-only monitoring functions');
 
 SELECT is_empty($$
     SELECT p.oid::regprocedure::text
@@ -153,12 +169,23 @@ SELECT set_eq($$
 $$, $$VALUES ('cm_tier_deltas', 'search_path=pg_catalog, pg_temp'),
              ('cm_set_tier_values', 'search_path=pg_catalog, pg_temp'),
              ('cm_preview', 'search_path=pg_catalog, pg_temp'),
-             ('cm_attach_queue', 'search_path=pg_catalog, pg_temp'),
              ('cm_sync_now', 'search_path=pg_catalog, pg_temp'),
              ('cm_sources', 'search_path=pg_catalog, pg_temp'),
              ('cm_health', 'search_path=pg_catalog, pg_temp'),
              ('cm_status', 'search_path=pg_catalog, pg_temp')$$,
-    'the SECURITY DEFINER cm_* functions are these eight, each with search_path = pg_catalog, pg_temp');
+    'the SECURITY DEFINER cm_* functions are these seven, each with search_path = pg_catalog, pg_temp');
+
+SELECT is(
+    (SELECT format('%s %s', l.lanname, p.prosecdef::text) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+      WHERE p.oid = 'public.cm_attach_queue(name, text)'::regprocedure),
+    'c false',
+    'cm_attach_queue is SECURITY INVOKER (in C): it checks the role that calls it, then runs cm.attach_queue as the owner');
+SELECT is(
+    (SELECT string_agg(format('%s definer=%s', p.proname, p.prosecdef::text), ', ' ORDER BY p.proname)
+       FROM pg_proc p WHERE p.proname IN ('cm_grant_sync_role', 'cm_check_sync_role')
+        AND p.pronamespace = 'public'::regnamespace),
+    'cm_check_sync_role definer=false, cm_grant_sync_role definer=false',
+    'cm_grant_sync_role and cm_check_sync_role run with the caller''s rights (a GRANT must be the caller''s)');
 
 SELECT is(
     (SELECT count(*)::int FROM pg_proc p
@@ -171,6 +198,19 @@ SELECT throws_ok('SELECT cm_sync_now()', '42501', NULL,
     'a role without a grant cannot run cm_sync_now()');
 SELECT throws_ok('SELECT cm_tier_delta(1, 2)', '42501', NULL,
     'a role without a grant cannot run cm_tier_delta()');
+SELECT throws_ok('SELECT * FROM cm_attach_queue(''queue_server'')', '42501', NULL,
+    'a role without a grant cannot run cm_attach_queue()');
+SELECT throws_ok('SELECT * FROM cm_grant_sync_role(''cm_nobody'')', '42501', NULL,
+    'a role without a grant cannot run cm_grant_sync_role()');
+RESET ROLE;
+
+SET LOCAL ROLE pg_monitor;
+SELECT lives_ok('SELECT * FROM cm_stats()', 'pg_monitor can run cm_stats()');
+SELECT lives_ok('SELECT * FROM cm_health()', 'pg_monitor can run cm_health()');
+SELECT lives_ok('SELECT cm_status()', 'pg_monitor can run cm_status()');
+SELECT lives_ok('SELECT * FROM cm_tier_deltas()', 'pg_monitor can run cm_tier_deltas()');
+SELECT throws_ok('SELECT cm_sync_now()', '42501', NULL,
+    'pg_monitor cannot run cm_sync_now()');
 RESET ROLE;
 
 -- foreign tables created by cm_attach_queue -----------------------------------

@@ -15,6 +15,7 @@ DECLARE
     st       record;
     waiting  record;
     problems text[] := '{}';
+    sync     record;
 BEGIN
     SELECT * INTO st FROM @extschema@.cm_stats();
     worker_running := st.worker_pid IS NOT NULL;
@@ -48,8 +49,12 @@ BEGIN
         problems := problems || 'no enabled source: attach one with cm_attach_queue()'::text;
     END IF;
 
+    -- the sync role: superuser (a warning), privileges, user mappings (30_privileges.sql)
+    SELECT * INTO sync FROM cm.sync_role_health();
+    problems := problems || sync.problems;
+
     healthy := cardinality(problems) = 0;
-    detail := CASE WHEN healthy THEN 'ok' ELSE array_to_string(problems, '; ') END;
+    detail := array_to_string(CASE WHEN healthy THEN ARRAY['ok'] ELSE problems END || sync.warnings, '; ');
 END
 $$;
-COMMENT ON FUNCTION @extschema@.cm_health() IS 'whether the worker runs, whether its reads of queue-db succeed, and why not; answers from shared memory and pg_stat_activity, without connecting to queue-db';
+COMMENT ON FUNCTION @extschema@.cm_health() IS 'whether the worker runs, whether its reads of queue-db succeed, whether the sync role has what the cycle needs, and why not; answers from shared memory and the local catalogs, without connecting to queue-db';
