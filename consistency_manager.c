@@ -262,7 +262,8 @@ run_one_cycle(MemoryContext cxt, CmCycleResult *r)
 /*
  * failure_text
  *		One line for cm_stats().last_error and cm.cycle_history.error: the
- *		message, PostgreSQL's DETAIL and HINT, and the SQLSTATE.
+ *		message and SQLSTATE, then PostgreSQL's DETAIL and HINT (the parts
+ *		cut first when the line is too long for shared memory).
  */
 static char *
 failure_text(const ErrorData *e)
@@ -271,11 +272,11 @@ failure_text(const ErrorData *e)
 
 	initStringInfo(&buf);
 	appendStringInfoString(&buf, e->message);
+	appendStringInfo(&buf, " (SQLSTATE %s)", unpack_sql_state(e->sqlerrcode));
 	if (e->detail)
 		appendStringInfo(&buf, " DETAIL: %s", e->detail);
 	if (e->hint)
 		appendStringInfo(&buf, " HINT: %s", e->hint);
-	appendStringInfo(&buf, " (SQLSTATE %s)", unpack_sql_state(e->sqlerrcode));
 	return buf.data;
 }
 

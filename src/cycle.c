@@ -39,6 +39,7 @@
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/plancache.h"
 #include "utils/resowner.h"
 #include "utils/timestamp.h"
 
@@ -140,13 +141,81 @@ prepare_kept(const char *sql, int nargs, Oid *argtypes, int cursor_options)
 }
 
 /*
+ * The step of the cycle running now, as pg_stat_activity shows it; an
+ * error in one of the cycle's statements names it instead of the statement.
+ */
+static char current_step[NAMEDATALEN * 2 + 64] = "consistency_manager: starting a cycle";
+
+/*
+ * set_step
+ *		Enter a step: show it in pg_stat_activity and remember it for
+ *		error reports.
+ */
+static void
+set_step(const char *step)
+{
+	strlcpy(current_step, step, sizeof(current_step));
+	cm_report_phase(step);
+}
+
+/*
+ * short_context
+ *		The CONTEXT of an error raised by one of the cycle's statements,
+ *		with SPI's `SQL statement "..."` line (the whole statement, some
+ *		15 kB for the processing one) replaced by the step's name.  Lines
+ *		added by user code the statement fired (a trigger's PL/pgSQL
+ *		context, say) are kept.
+ */
+static char *
+short_context(const char *context, SPIPlanPtr plan)
+{
+	List	   *sources = SPI_plan_get_plan_sources(plan);
+	CachedPlanSource *src;
+	char	   *needle;
+	const char *at;
+	StringInfoData buf;
+
+	if (context == NULL || sources == NIL)
+		return context ? pstrdup(context) : NULL;
+	src = (CachedPlanSource *) linitial(sources);
+	needle = psprintf("SQL statement \"%s\"", src->query_string);
+	at = strstr(context, needle);
+	if (at == NULL)
+		return pstrdup(context);
+	initStringInfo(&buf);
+	appendBinaryStringInfo(&buf, context, at - context);
+	appendStringInfo(&buf, "%s (statement of the sync cycle)", current_step);
+	appendStringInfoString(&buf, at + strlen(needle));
+	return buf.data;
+}
+
+/*
  * run_plan
- *		Execute a kept plan; any result but the expected one is a bug.
+ *		Execute a kept plan; any result but the expected one is a bug.  An
+ *		error keeps what PostgreSQL said, with a short context (see
+ *		short_context).
  */
 static void
 run_plan(SPIPlanPtr plan, Datum *values, const char *nulls, int expected)
 {
-	int			rc = SPI_execute_plan(plan, values, nulls, false, 0);
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile int rc = 0;
+
+	PG_TRY();
+	{
+		rc = SPI_execute_plan(plan, values, nulls, false, 0);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		edata->context = short_context(edata->context, plan);
+		ReThrowError(edata);
+	}
+	PG_END_TRY();
 
 	if (rc != expected)
 		elog(ERROR, "statement of the sync cycle returned %s, expected %s",
@@ -391,7 +460,7 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	values[1] = deltas;
 	values[2] = poison->accounts;
 	values[3] = poison->reasons;
-	cm_report_phase("consistency_manager: applying changes");
+	set_step("consistency_manager: applying changes");
 	run_plan(get_process_plan(&accounts, &lock), values, NULL, SPI_OK_SELECT);
 
 	tup = SPI_tuptable->vals[0];
@@ -440,7 +509,7 @@ stage_source(Source *src, CmCycleResult *result)
 
 	/* Dead letters first: a newer version of the same row read below wins. */
 	values[0] = Int32GetDatum(src->source_id);
-	cm_report_phase("consistency_manager: retrying dead letters");
+	set_step("consistency_manager: retrying dead letters");
 	run_plan(stage_dl_plan, values, NULL, SPI_OK_INSERT);
 	src->staged[0] = (int64) SPI_processed;
 
@@ -471,7 +540,7 @@ stage_source(Source *src, CmCycleResult *result)
 	 * The phase names the source and its server: cm_health() reads it from
 	 * pg_stat_activity to say which server a long wait is for.
 	 */
-	cm_report_phase(psprintf("consistency_manager: reading queue-db (source %d, server %s)",
+	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s)",
 							 src->source_id, src->server_name));
 	for (;;)
 	{
@@ -566,7 +635,7 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 		return true;
 
 	(void) get_process_plan(&accounts, &lock);
-	cm_report_phase("consistency_manager: locking accounts");
+	set_step("consistency_manager: locking accounts");
 	run_plan(lock, NULL, NULL, SPI_OK_SELECT);
 	n = SPI_processed;
 	if (n > 0)
@@ -608,7 +677,7 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 	}
 	SPI_freetuptable(SPI_tuptable);
 
-	cm_report_phase("consistency_manager: writing accounts");
+	set_step("consistency_manager: writing accounts");
 	run_plan(accounts, NULL, NULL, SPI_OK_UPDATE);
 	return true;
 }
@@ -759,6 +828,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	memset(result, 0, sizeof(*result));
 	result->started_at = GetCurrentTimestamp();
 	cm_check_schema_version();
+	strlcpy(current_step, "consistency_manager: starting a cycle", sizeof(current_step));
 
 	if (RecoveryInProgress())
 		ereport(ERROR,

@@ -71,26 +71,16 @@ add_requests($queue, 'unsynced', 2, $ACCOUNTS);
 ############################################################################
 
 # The exporter logs in as cm_exporter, a member of pg_monitor and no
-# superuser.  pg_monitor alone does not yet let it execute the monitoring
-# functions; until it does, the role gets EXECUTE on them explicitly, as the
-# README tells a DBA.  TODO: once the extension opens them to pg_monitor, the
-# GRANT below is skipped and this test proves pg_monitor is enough.
+# superuser, with no GRANT of its own: the extension opens its monitoring
+# functions to pg_monitor.
 my $user = 'cm_exporter';
 $node->safe_psql('portfolio', "CREATE ROLE $user LOGIN IN ROLE pg_monitor");
-my $monitor_ok = $node->safe_psql(
-	'portfolio', qq{
+is( $node->safe_psql(
+		'portfolio', qq{
 	SELECT has_function_privilege('$user', 'cm_stats()', 'EXECUTE')
 	   AND has_function_privilege('$user', 'cm_health()', 'EXECUTE')
-	   AND has_function_privilege('$user', 'cm_sources()', 'EXECUTE')});
-if ($monitor_ok eq 't')
-{
-	note("pg_monitor may execute cm_stats(), cm_health() and cm_sources(): $user needs no GRANT");
-}
-else
-{
-	note("pg_monitor may not execute cm_stats(), cm_health() and cm_sources() yet: GRANT EXECUTE to $user");
-	$node->safe_psql('portfolio', "GRANT EXECUTE ON FUNCTION cm_stats(), cm_health(), cm_sources() TO $user");
-}
+	   AND has_function_privilege('$user', 'cm_sources()', 'EXECUTE')}),
+	't', 'pg_monitor membership alone lets the exporter execute cm_stats(), cm_health() and cm_sources()');
 is($node->safe_psql('portfolio', "SELECT rolsuper FROM pg_roles WHERE rolname = '$user'"),
 	'f', "the exporter's role $user is no superuser");
 

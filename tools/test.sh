@@ -25,6 +25,7 @@ export PATH="$PGBIN:$PATH"
 # the suites run as the postgres user, which may not read the checkout
 cp -r "$CM_ROOT/sql" "$CM_ROOT/expected" "$CM_ROOT/test" "$CM_ROOT/t" "$WORK/"
 cp -r "$CM_ROOT/monitoring" "$WORK/"   # the Prometheus query file t/080 serves
+cp "$CM_ROOT/README.md" "$WORK/"       # t/130 runs its install section as written
 [ "$(id -u)" = 0 ] && chown -R postgres: "$WORK"
 
 PGXS_DIR=$(dirname "$($PGBIN/pg_config --pgxs)")/../..
@@ -114,7 +115,7 @@ run_tap() {
     cm_release_tree "$WORK/pg-1.0" "$CM_RELEASE_1_0"
     if (cd "$WORK" && as_pg env PERL5LIB="$PGXS_DIR/src/test/perl:$WORK/t" \
             TESTDIR="$WORK/tap" PG_REGRESS="$PGXS_DIR/src/test/regress/pg_regress" \
-            CM_FIXTURES="$WORK/test/fixtures" \
+            CM_FIXTURES="$WORK/test/fixtures" CM_README="$WORK/README.md" \
             CM_PG_TREE="$WORK/pg" CM_RELEASE_1_0_TREE="$WORK/pg-1.0" \
             prove --timer ${CM_TAP:-t/*.pl}) 2>&1 | tee "$WORK/tap.out"; [ "${PIPESTATUS[0]}" = 0 ]; then
         passed=$((passed + 1))
