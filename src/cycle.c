@@ -232,8 +232,9 @@ prepare_fixed_plans(void)
 	Oid			int4arg[1] = {INT4OID};
 	Oid			moveargs[2] = {INT4OID, INT2OID};
 	Oid			finishargs[3] = {INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
-	Oid			histargs[12] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
-		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID};
+	Oid			histargs[14] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
+		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID,
+		INT8OID, INT4OID};
 
 	if (sources_plan == NULL)
 		sources_plan = prepare_kept(cm_sql_sources, 0, NULL, 0);
@@ -244,7 +245,7 @@ prepare_fixed_plans(void)
 	if (clear_plan == NULL)
 		clear_plan = prepare_kept(cm_sql_clear_batch, 0, NULL, 0);
 	if (history_plan == NULL)
-		history_plan = prepare_kept(cm_sql_history, 12, histargs, 0);
+		history_plan = prepare_kept(cm_sql_history, 14, histargs, 0);
 	if (stage_dl_plan == NULL)
 		stage_dl_plan = prepare_kept(cm_sql_stage_dead_letters, 1, int4arg, 0);
 	if (move_plan == NULL)
@@ -786,10 +787,11 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 static void
 record_history(const char *trigger, const CmCycleResult *r)
 {
-	Datum		values[12];
+	Datum		values[14];
 
 	if (strcmp(trigger, "manual") != 0 &&
-		r->created + r->updated + r->completed_applied + r->compensated + r->dead_lettered == 0)
+		r->created + r->updated + r->completed_applied + r->compensated + r->dead_lettered +
+		r->lock_retries == 0)
 		return;
 
 	values[0] = TimestampTzGetDatum(r->started_at);
@@ -804,6 +806,8 @@ record_history(const char *trigger, const CmCycleResult *r)
 	values[9] = Int64GetDatum(r->compensated);
 	values[10] = Int64GetDatum(r->dead_lettered);
 	values[11] = Float8GetDatum((double) cm_history_retention);
+	values[12] = Int64GetDatum(r->adopted);
+	values[13] = Int32GetDatum((int32) r->lock_retries);
 	run_plan(history_plan, values, NULL, SPI_OK_INSERT);
 }
 

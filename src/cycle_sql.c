@@ -518,5 +518,5 @@ const char *cm_sql_history =
 	"                 WHERE started_at < now() - make_interval(secs => $12))"
 	" INSERT INTO cm.cycle_history (started_at, finished_at, duration_ms, trigger, sources,"
 	"                               rows_read, created, updated, completed_applied,"
-	"                               compensated, dead_lettered)"
-	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+	"                               compensated, dead_lettered, adopted, lock_retries)"
+	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $13, $14)";

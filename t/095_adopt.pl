@@ -61,6 +61,8 @@ my $r = $node->safe_psql('portfolio',
 	'SELECT created, completed_applied, compensated, dead_lettered FROM cm_sync_now()');
 is($r, '400|0|0|0', 'after reinstall: every request enters the ledger, none is applied again');
 is($balances->(), $before, 'after reinstall: balances unchanged');
+is($node->safe_psql('portfolio', 'SELECT adopted FROM cm.cycle_history ORDER BY cycle_id DESC LIMIT 1'),
+	'400', 'after reinstall: cm.cycle_history counts the 400 adopted requests');
 is( $node->safe_psql('portfolio',
 		q{SELECT count(*) FILTER (WHERE applied) || '/' || count(*) FROM cm.ledger}),
 	'80/400', 'after reinstall: the ledger marks exactly the completed requests as applied');

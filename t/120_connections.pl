@@ -16,9 +16,9 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $SERVERS = 10;
+my $SERVERS = 30;
 
-my $queue = cm_node('queue', preload => 0, conf => ['max_connections = 60']);
+my $queue = cm_node('queue', preload => 0, conf => ['max_connections = 100']);
 $queue->start;
 setup_queue_db($queue);
 for my $i (1 .. $SERVERS - 1)

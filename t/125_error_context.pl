@@ -38,7 +38,7 @@ isnt($rc, 0, 'the cycle fails');
 like($err, qr/ERROR:  P0001: the application refuses transaction/, "the client gets the trigger's message and SQLSTATE");
 like($err, qr/DETAIL:  app detail/, "and its DETAIL");
 like($err, qr/HINT:  app hint/, "and its HINT");
-like($err, qr/CONTEXT:  PL\/pgSQL function app_refuse\(\) line \d+ at RAISE/, "and the trigger's context");
+like($err, qr/CONTEXT:  PL\/pgSQL function (public\.)?app_refuse\(\) line \d+ at RAISE/, "and the trigger's context");
 like($err, qr/consistency_manager: applying changes \(statement of the sync cycle\)/,
 	"and the cycle's step, by name");
 unlike($err, qr/WITH cols AS|SQL statement "/, 'but not the statement');
