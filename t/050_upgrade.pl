@@ -204,7 +204,7 @@ is( $node->safe_psql('portfolio',
 	'both reversed completions (one applied by 1.0, one by 1.1) are compensated in the ledger');
 is( $node->safe_psql('portfolio',
 		q{SELECT count(*) FROM test_before_cycle_history b JOIN cm.cycle_history h USING (cycle_id)
-		   WHERE (b.*)::text = (h.*)::text}),
+		   WHERE to_jsonb(b) = to_jsonb(h) - 'adopted' - 'lock_retries'}),
 	$node->safe_psql('portfolio', 'SELECT count(*) FROM test_before_cycle_history'),
 	"1.0's cycle history is still there after the new cycles");
 is( $node->safe_psql('portfolio',
