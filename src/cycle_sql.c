@@ -66,6 +66,10 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 		"   WHERE NOT EXISTS (SELECT 1 FROM cm.ledger l"
 		"                      WHERE l.uuid = cm.try_uuid(p.uuid) AND l.source_id = $1"
 		"                        AND l.updated_at = p.updated_at AND l.status = p.status)"
+		/* a version an operator discarded (cm_discard_dead_letter) is never read again */
+		"     AND NOT EXISTS (SELECT 1 FROM cm.discarded x"
+		"                      WHERE x.source_id = $1 AND x.queue_id = p.queue_id"
+		"                        AND x.updated_at IS NOT DISTINCT FROM p.updated_at)"
 		"  RETURNING 1)"
 		" SELECT count(*), max(page.updated_at),"
 		"        (SELECT max(i.queue_id) FROM page i"

@@ -114,6 +114,7 @@ static const struct
 	{"batch", ACL_SELECT | ACL_INSERT | ACL_TRUNCATE},
 	{"batch_account", ACL_SELECT | ACL_INSERT | ACL_TRUNCATE},
 	{"cycle_history", ACL_SELECT | ACL_INSERT | ACL_DELETE},
+	{"discarded", ACL_SELECT},
 };
 
 /* The only columns of cm.source the cycle writes (the watermark). */
