@@ -107,7 +107,17 @@ show "what the worker did: cm_stats()" "SELECT cycles, rows_read, created, updat
 show "cycles that changed something (cm.cycle_history)" "SELECT count(*) AS cycles, sum(created) AS created, sum(updated) AS updated, sum(completed_applied) AS applied, sum(compensated) AS compensated, sum(dead_lettered) AS dead_lettered FROM cm.cycle_history"
 show "sources" "SELECT source_id, foreign_table, watermark, lag, dead_letters FROM cm_sources()"
 show "dead letters" "SELECT source_id, queue_id, accountid, status, reason FROM cm.dead_letter"
-show "queue-db and portfolio agree" "SELECT status, count(*) FROM portfolio_transactions GROUP BY 1 ORDER BY 1"
+show "queue-db and portfolio agree (requests by status on both sides; a dead letter is the difference)" "
+WITH queue AS (SELECT coalesce(m.portfolio_status, q.status) AS status, count(*) AS n
+                 FROM (SELECT status FROM cm_remote.queue_server_investment_queue
+                       UNION ALL SELECT status FROM cm_remote.queue_server_withdrawal_queue) q
+                 LEFT JOIN cm.status_map m ON m.queue_status = q.status GROUP BY 1),
+     portfolio AS (SELECT status, count(*) AS n FROM portfolio_transactions GROUP BY 1),
+     dead AS (SELECT coalesce(m.portfolio_status, d.status) AS status, count(*) AS n
+                FROM cm.dead_letter d LEFT JOIN cm.status_map m ON m.queue_status = d.status GROUP BY 1)
+SELECT status, queue.n AS \"queue-db\", portfolio.n AS portfolio, coalesce(dead.n, 0) AS dead_letters,
+       coalesce(queue.n, 0) = coalesce(portfolio.n, 0) + coalesce(dead.n, 0) AS agree
+  FROM queue FULL JOIN portfolio USING (status) FULL JOIN dead USING (status) ORDER BY 1"
 show "portfolios after" "SELECT accountid, tier1_value, tier2_value, tier3_value, total_value, total_allocation FROM user_portfolios ORDER BY 1 LIMIT 4"
 show "health" "SELECT * FROM cm_health()"
 echo
