@@ -10,11 +10,11 @@
  *	 - read: for each enabled source, stage its dead letters and the rows
  *	   changed since (watermark - lookback_window) in keyset pages, into
  *	   cm.stage; no lock is taken in portfolio-db while queue-db is read;
- *	 - apply: lock the accounts the staged rows may change, in key order;
- *	   then, source by source, process the rows as a set (dead letters
- *	   first), write the accounts relative to their current values, and
- *	   advance the watermark.  A deadlock or lock timeout retries this
- *	   phase at once from what was staged;
+ *	 - apply: source by source, process the rows as a set (dead letters
+ *	   first) and advance the watermark; last, lock the accounts the cycle
+ *	   changes, in key order, and write them relative to their current
+ *	   values.  A deadlock or lock timeout retries this phase at once from
+ *	   what was staged;
  *	 - record the cycle in cm.cycle_history and the shared statistics.
  *
  * The SQL lives in cycle_sql.c.  Plans are prepared on first use and kept
@@ -82,9 +82,8 @@ typedef struct Source
  */
 typedef struct Poison
 {
-	Datum		accounts;		/* text[] */
-	Datum		reasons;		/* text[] */
-	int			count;
+	ArrayBuildState *accounts;
+	ArrayBuildState *reasons;
 } Poison;
 
 /* True between the start of a cycle's work and its end (see cm_sync_now). */
@@ -459,8 +458,8 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 
 	values[0] = Int32GetDatum(source_id);
 	values[1] = deltas;
-	values[2] = poison->accounts;
-	values[3] = poison->reasons;
+	values[2] = makeArrayResult(poison->accounts, CurrentMemoryContext);
+	values[3] = makeArrayResult(poison->reasons, CurrentMemoryContext);
 	set_step("consistency_manager: applying changes");
 	run_plan(get_process_plan(&accounts, &lock), values, NULL, SPI_OK_SELECT);
 
@@ -641,38 +640,19 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 	n = SPI_processed;
 	if (n > 0)
 	{
-		MemoryContext old = MemoryContextSwitchTo(poison_cxt);
-		Datum	   *a = palloc((poison->count + n) * sizeof(Datum));
-		Datum	   *r = palloc((poison->count + n) * sizeof(Datum));
-		int			k = 0;
 		uint64		j;
 
-		if (poison->count > 0)
-		{
-			Datum	   *pa;
-			Datum	   *pr;
-			int			cnt;
-
-			deconstruct_array(DatumGetArrayTypeP(poison->accounts), TEXTOID, -1, false,
-							  TYPALIGN_INT, &pa, NULL, &cnt);
-			deconstruct_array(DatumGetArrayTypeP(poison->reasons), TEXTOID, -1, false,
-							  TYPALIGN_INT, &pr, NULL, &cnt);
-			for (k = 0; k < cnt; k++)
-			{
-				a[k] = pa[k];
-				r[k] = pr[k];
-			}
-		}
 		for (j = 0; j < n; j++)
 		{
-			a[k] = CStringGetTextDatum(SPI_getvalue(SPI_tuptable->vals[j], SPI_tuptable->tupdesc, 1));
-			r[k] = CStringGetTextDatum(SPI_getvalue(SPI_tuptable->vals[j], SPI_tuptable->tupdesc, 2));
-			k++;
+			HeapTuple	tup = SPI_tuptable->vals[j];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			bool		isnull;
+
+			accumArrayResult(poison->accounts, SPI_getbinval(tup, desc, 1, &isnull), false,
+							 TEXTOID, poison_cxt);
+			accumArrayResult(poison->reasons, SPI_getbinval(tup, desc, 2, &isnull), false,
+							 TEXTOID, poison_cxt);
 		}
-		poison->accounts = PointerGetDatum(construct_array(a, k, TEXTOID, -1, false, TYPALIGN_INT));
-		poison->reasons = PointerGetDatum(construct_array(r, k, TEXTOID, -1, false, TYPALIGN_INT));
-		poison->count = k;
-		MemoryContextSwitchTo(old);
 		SPI_freetuptable(SPI_tuptable);
 		return false;
 	}
@@ -718,9 +698,8 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 	int			save_nestlevel;
 	volatile int attempt = 0;
 
-	poison.accounts = PointerGetDatum(construct_empty_array(TEXTOID));
-	poison.reasons = PointerGetDatum(construct_empty_array(TEXTOID));
-	poison.count = 0;
+	poison.accounts = initArrayResult(TEXTOID, oldcxt, false);
+	poison.reasons = initArrayResult(TEXTOID, oldcxt, false);
 
 	save_nestlevel = NewGUCNestLevel();
 	(void) set_config_option("deadlock_timeout", CM_DEADLOCK_TIMEOUT, PGC_SUSET,
@@ -827,6 +806,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	int			nsources;
 	Datum		deltas;
 	int			i;
+	bool		staged_any = false;
 	CmRoleSwitch sync_role;
 
 	memset(result, 0, sizeof(*result));
@@ -873,6 +853,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	for (i = 0; i < nsources; i++)
 	{
 		stage_source(&sources[i], result);
+		staged_any |= sources[i].staged[0] + sources[i].staged[1] > 0;
 		result->sources++;
 	}
 	cm_remote_read_end();
@@ -883,14 +864,8 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	 * invalidates every plan that uses them, and an idle cycle would then
 	 * plan its statements afresh each time.
 	 */
-	for (i = 0; i < nsources; i++)
-	{
-		if (sources[i].staged[0] + sources[i].staged[1] > 0)
-		{
-			run_plan(clear_stage_plan, NULL, NULL, SPI_OK_UTILITY);
-			break;
-		}
-	}
+	if (staged_any)
+		run_plan(clear_stage_plan, NULL, NULL, SPI_OK_UTILITY);
 
 	result->finished_at = GetCurrentTimestamp();
 	result->duration_ms = (double) (result->finished_at - result->started_at) / 1000.0;

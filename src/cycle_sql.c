@@ -5,18 +5,21 @@
  *
  * cycle.c prepares each of these once per backend (SPI_prepare +
  * SPI_keepplan) and runs them with parameters; no statement is built per
- * row or per cycle.  The cycle works on one source at a time:
+ * row or per cycle.  A cycle:
  *
- *	 1. stage:   copy one keyset page of changed queue rows into cm.batch
- *				 (repeated until a short page); the filter, order and limit
- *				 go to queue-db with the foreign scan.  Dead letters of the
- *				 source are staged the same way in a pass of their own.
- *	 2. process: one statement validates the staged rows as a set, compares
- *				 them with the ledger, dead-letters the bad ones, upserts
- *				 portfolio_transactions, applies the tier factors of the
- *				 completions (compounded per account) and their
- *				 compensations, and writes the ledger.
+ *	 1. stage:   for every source, copy keyset pages of changed queue rows
+ *				 into cm.stage (repeated until a short page); the filter,
+ *				 order and limit go to queue-db with the foreign scan.  Dead
+ *				 letters of the source are staged in a pass of their own.
+ *	 2. process: source by source and pass by pass, move the staged rows
+ *				 into cm.batch; one statement validates them as a set,
+ *				 compares them with the ledger (adopting what
+ *				 portfolio_transactions already holds), dead-letters the bad
+ *				 ones, upserts portfolio_transactions, writes the ledger, and
+ *				 adds each account's factors to cm.batch_account.
  *	 3. finish:  advance the source's watermark; empty cm.batch.
+ *	 4. accounts: lock the accounts in key order, check their new values
+ *				 fit, write them relative to the locked rows.
  *
  * All of it runs in the caller's transaction, so the watermark, the ledger
  * and every effect commit together or not at all.  cm.batch only ever holds
@@ -133,14 +136,6 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier1_allocation') AS as1,"
 		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier2_allocation') AS as2,"
 		"         max(cm.typmod_scale(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier3_allocation') AS as3,"
-		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier1_value') AS vl1,"
-		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier2_value') AS vl2,"
-		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier3_value') AS vl3,"
-		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'total_value') AS vl4,"
-		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier1_allocation') AS al1,"
-		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier2_allocation') AS al2,"
-		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'tier3_allocation') AS al3,"
-		"         max(cm.typmod_limit(a.atttypmod)) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'total_allocation') AS al4,"
 		"         max(a.atttypmod - 4) FILTER (WHERE a.attrelid = %3$u AND a.attname = 'accountid'"
 		"                                     AND a.atttypmod >= 4) AS alen"
 		"    FROM pg_catalog.pg_attribute a"
