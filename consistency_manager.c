@@ -260,42 +260,6 @@ run_one_cycle(MemoryContext cxt, CmCycleResult *r)
 }
 
 /*
- * failure_text
- *		One line for cm_stats().last_error and cm.cycle_history.error: the
- *		message and SQLSTATE, then PostgreSQL's DETAIL and HINT (the parts
- *		cut first when the line is too long for shared memory).
- */
-static char *
-failure_text(const ErrorData *e)
-{
-	StringInfoData buf;
-
-	initStringInfo(&buf);
-	appendStringInfoString(&buf, e->message);
-	appendStringInfo(&buf, " (SQLSTATE %s)", unpack_sql_state(e->sqlerrcode));
-	if (e->detail)
-		appendStringInfo(&buf, " DETAIL: %s", e->detail);
-	if (e->hint)
-		appendStringInfo(&buf, " HINT: %s", e->hint);
-	return buf.data;
-}
-
-/*
- * retry_cannot_fix
- *		Whether retrying a failed cycle cannot help until somebody acts:
- *		a missing object or privilege, a syntax or definition problem
- *		(class 42), an authorization failure (class 28), a prerequisite
- *		state such as an extension update (55000).
- */
-static bool
-retry_cannot_fix(int sqlerrcode)
-{
-	return ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_SYNTAX_ERROR_OR_ACCESS_RULE_VIOLATION ||
-		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION ||
-		sqlerrcode == ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
-}
-
-/*
  * take_wake_request
  *		Whether cm_wake() asked for a cycle since the last call; clears the
  *		request.
@@ -449,7 +413,7 @@ cm_worker_main(Datum main_arg)
 			else
 			{
 				char	   *message = failure->message;
-				char	   *text = failure_text(failure);
+				char	   *text = cm_error_text(failure);
 				bool		changed = last_error == NULL || strcmp(last_error, message) != 0;
 
 				failures++;
@@ -465,7 +429,7 @@ cm_worker_main(Datum main_arg)
 								   failure->detail, failures, timeout) :
 						 errdetail("%d consecutive failures; next try in %ld ms.", failures, timeout),
 						 failure->hint ? errhint("%s", failure->hint) :
-						 retry_cannot_fix(failure->sqlerrcode) ?
+						 cm_retry_cannot_fix(failure->sqlerrcode) ?
 						 errhint("Retrying does not fix this: correct the cause, then SELECT cm_wake() retries at once.") :
 						 errhint("See cm_health() and cm_stats(); the worker retries on its own, and SELECT cm_wake() retries at once.")));
 				if (changed)

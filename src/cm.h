@@ -59,6 +59,8 @@ typedef struct CmCycleResult
 	int64		dead_lettered;
 	int64		adopted;		/* rows found in portfolio_transactions, taken into the ledger */
 	int64		lock_retries;	/* local phase retried after a deadlock or lock timeout */
+	int32		sources_failed; /* sources whose read failed (the others synced) */
+	char	   *source_error;	/* the first of their errors, as cm_error_text */
 	TimestampTz started_at;
 	TimestampTz finished_at;
 	double		duration_ms;
@@ -84,6 +86,7 @@ extern const char *cm_sql_stage_dead_letters;
 extern const char *cm_sql_sources;
 extern const char *cm_sql_deltas;
 extern const char *cm_sql_finish_source;
+extern const char *cm_sql_source_failed;
 extern const char *cm_sql_clear_batch;
 extern const char *cm_sql_history;
 
@@ -93,6 +96,8 @@ extern bool cm_lock_cycle(bool wait);
 extern char *cm_installed_version(void);
 extern void cm_check_schema_version(void);
 extern bool cm_has_enabled_source(void);
+extern char *cm_error_text(const ErrorData *e);
+extern bool cm_retry_cannot_fix(int sqlerrcode);
 
 /*
  * Least privilege (privilege.c): the cycle runs as the sync role, inside a
@@ -118,6 +123,7 @@ extern bool cm_cycle_deadline_expired(void);
 extern void cm_remote_read_begin(void);
 extern void cm_remote_read_end(void);
 extern void cm_remote_check_exit(void);
+extern bool cm_remote_exit_requested(void);
 
 /* The background workers: the sync worker (consistency_manager.c) and the
  * launcher that starts it (launcher.c). */

@@ -73,6 +73,8 @@ typedef struct Source
 	int64		staged[2];		/* rows staged: [0] dead letters, [1] read */
 	bool		has_newest_read;
 	TimestampTz newest_read;	/* newest updated_at read from queue-db */
+	char	   *last_error;		/* cm.source.last_error as the cycle began */
+	ErrorData  *error;			/* why its read failed in this cycle, or NULL */
 } Source;
 
 /*
@@ -85,6 +87,9 @@ typedef struct Poison
 	ArrayBuildState *accounts;
 	ArrayBuildState *reasons;
 } Poison;
+
+/* The memory context cm_run_cycle was called in: what outlives SPI. */
+static MemoryContext caller_cxt = NULL;
 
 /* True between the start of a cycle's work and its end (see cm_sync_now). */
 static bool cycle_running = false;
@@ -120,6 +125,7 @@ static SPIPlanPtr finish_plan = NULL;
 static SPIPlanPtr clear_plan = NULL;
 static SPIPlanPtr history_plan = NULL;
 static SPIPlanPtr stage_dl_plan = NULL;
+static SPIPlanPtr source_failed_plan = NULL;
 
 /*
  * prepare_kept
@@ -231,9 +237,10 @@ prepare_fixed_plans(void)
 	Oid			int4arg[1] = {INT4OID};
 	Oid			moveargs[2] = {INT4OID, INT2OID};
 	Oid			finishargs[3] = {INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
-	Oid			histargs[14] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
+	Oid			histargs[15] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
 		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID,
-		INT8OID, INT4OID};
+		INT8OID, INT4OID, TEXTOID};
+	Oid			failedargs[2] = {INT4OID, TEXTOID};
 
 	if (sources_plan == NULL)
 		sources_plan = prepare_kept(cm_sql_sources, 0, NULL, 0);
@@ -244,7 +251,9 @@ prepare_fixed_plans(void)
 	if (clear_plan == NULL)
 		clear_plan = prepare_kept(cm_sql_clear_batch, 0, NULL, 0);
 	if (history_plan == NULL)
-		history_plan = prepare_kept(cm_sql_history, 14, histargs, 0);
+		history_plan = prepare_kept(cm_sql_history, 15, histargs, 0);
+	if (source_failed_plan == NULL)
+		source_failed_plan = prepare_kept(cm_sql_source_failed, 2, failedargs, 0);
 	if (stage_dl_plan == NULL)
 		stage_dl_plan = prepare_kept(cm_sql_stage_dead_letters, 1, int4arg, 0);
 	if (move_plan == NULL)
@@ -431,6 +440,7 @@ read_sources(int *count)
 		if (isnull)
 			s->relid = InvalidOid;
 		s->server_name = SPI_getvalue(tup, desc, 8);
+		s->last_error = SPI_getvalue(tup, desc, 9);
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return sources;
@@ -574,6 +584,127 @@ stage_source(Source *src, CmCycleResult *result)
 }
 
 /*
+ * source_error_is_its_own
+ *		Whether an error met while reading one source concerns that source
+ *		alone (its server unreachable or refusing the login, a privilege or
+ *		a foreign table missing, a column type that changed in queue-db),
+ *		so that the other sources may still sync in this cycle.  A cancel,
+ *		a shutdown, the cycle's deadline, a lack of resources or an
+ *		internal error ends the cycle.
+ */
+static bool
+source_error_is_its_own(const ErrorData *e)
+{
+	int			category = ERRCODE_TO_CATEGORY(e->sqlerrcode);
+
+	if (e->elevel != ERROR || cm_cycle_deadline_expired() || cm_remote_exit_requested())
+		return false;
+	return category != ERRCODE_OPERATOR_INTERVENTION &&
+		category != ERRCODE_INSUFFICIENT_RESOURCES &&
+		category != ERRCODE_PROGRAM_LIMIT_EXCEEDED &&
+		category != ERRCODE_SYSTEM_ERROR &&
+		category != ERRCODE_INTERNAL_ERROR &&
+		category != ERRCODE_TRANSACTION_ROLLBACK;
+}
+
+/*
+ * stage_source_alone
+ *		stage_source in a subtransaction of its own: when the read of this
+ *		source fails for a reason of its own (source_error_is_its_own),
+ *		what it staged is rolled back, the error is kept in src->error and
+ *		the cycle goes on with the other sources.  postgres_fdw rolls the
+ *		remote side back to the matching savepoint, or drops a broken
+ *		connection at the end of the transaction.
+ */
+static void
+stage_source_alone(Source *src, CmCycleResult *result)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	int64		rows_read = result->rows_read;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		stage_source(src, result);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		if (!source_error_is_its_own(edata))
+			ReThrowError(edata);
+		src->error = edata;
+		src->staged[0] = src->staged[1] = 0;
+		src->has_newest_read = false;
+		result->rows_read = rows_read;
+	}
+	PG_END_TRY();
+}
+
+/*
+ * report_source_failures
+ *		Record in cm.source why each failed source failed, and say so: a
+ *		WARNING when the error is new for that source (or the cycle was
+ *		asked for by hand), so that a source failing at every poll does not
+ *		flood the log.  Returns true when some source's error is new.
+ */
+static bool
+report_source_failures(Source *sources, int nsources, bool manual, CmCycleResult *result)
+{
+	bool		news = false;
+	int			i;
+
+	for (i = 0; i < nsources; i++)
+	{
+		Source	   *src = &sources[i];
+		ErrorData  *e = src->error;
+		char	   *text;
+		Datum		values[2];
+		bool		changed;
+
+		if (e == NULL)
+			continue;
+		text = cm_error_text(e);
+		changed = src->last_error == NULL || strcmp(src->last_error, text) != 0;
+		news |= changed;
+		result->sources_failed++;
+		if (result->source_error == NULL)
+			result->source_error = MemoryContextStrdup(caller_cxt,
+													   psprintf("source %d (%s): %s", src->source_id,
+											quote_qualified_identifier(src->table_schema, src->table_name),
+											text));
+		values[0] = Int32GetDatum(src->source_id);
+		values[1] = CStringGetTextDatum(text);
+		run_plan(source_failed_plan, values, NULL, SPI_OK_UPDATE);
+
+		ereport(changed || manual ? WARNING : DEBUG1,
+				(errcode(e->sqlerrcode),
+				 errmsg("consistency_manager could not read source %d (%s, server %s): %s",
+						src->source_id,
+						quote_qualified_identifier(src->table_schema, src->table_name),
+						src->server_name, e->message),
+				 e->detail ? errdetail("%s\nThe other sources synced in this cycle.", e->detail) :
+				 errdetail("The other sources synced in this cycle."),
+				 e->hint ? errhint("%s", e->hint) :
+				 cm_retry_cannot_fix(e->sqlerrcode) ?
+				 errhint("Retrying does not fix this: correct the cause, then SELECT cm_wake() retries at once.") :
+				 errhint("The source is read again at every cycle; cm_sources() shows its last error.")));
+	}
+	return news;
+}
+
+/*
  * apply_staged
  *		The local phase of a cycle: process each source's dead letters and
  *		new rows, advance the watermarks, then lock the accounts the cycle
@@ -599,6 +730,10 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 	for (i = 0; i < nsources; i++)
 	{
 		Source	   *src = &sources[i];
+
+		/* a source whose read failed keeps its watermark and its error */
+		if (src->error != NULL)
+			continue;
 
 		for (pass = 0; pass < 2; pass++)
 		{
@@ -760,18 +895,22 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 
 /*
  * record_history
- *		Append the cycle to cm.cycle_history when it changed something or
- *		was asked for by hand, pruning rows past history_retention.
+ *		Append the cycle to cm.cycle_history when it changed something, was
+ *		asked for by hand or met a new source failure (its error column
+ *		then names the first failed source), pruning rows past
+ *		history_retention.
  */
 static void
-record_history(const char *trigger, const CmCycleResult *r)
+record_history(const char *trigger, const CmCycleResult *r, bool new_failure)
 {
-	Datum		values[14];
+	Datum		values[15];
+	char		nulls[15];
 
-	if (strcmp(trigger, "manual") != 0 &&
+	if (strcmp(trigger, "manual") != 0 && !new_failure &&
 		r->created + r->updated + r->completed_applied + r->compensated + r->dead_lettered +
 		r->lock_retries == 0)
 		return;
+	memset(nulls, ' ', sizeof(nulls));
 
 	values[0] = TimestampTzGetDatum(r->started_at);
 	values[1] = TimestampTzGetDatum(r->finished_at);
@@ -787,7 +926,11 @@ record_history(const char *trigger, const CmCycleResult *r)
 	values[11] = Float8GetDatum((double) cm_history_retention);
 	values[12] = Int64GetDatum(r->adopted);
 	values[13] = Int32GetDatum((int32) r->lock_retries);
-	run_plan(history_plan, values, NULL, SPI_OK_INSERT);
+	if (r->source_error != NULL)
+		values[14] = CStringGetTextDatum(r->source_error);
+	else
+		nulls[14] = 'n';
+	run_plan(history_plan, values, nulls, SPI_OK_INSERT);
 }
 
 /*
@@ -807,9 +950,11 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	Datum		deltas;
 	int			i;
 	bool		staged_any = false;
+	bool		new_failure;
 	CmRoleSwitch sync_role;
 
 	memset(result, 0, sizeof(*result));
+	caller_cxt = CurrentMemoryContext;
 	result->started_at = GetCurrentTimestamp();
 	cm_check_schema_version();
 	strlcpy(current_step, "consistency_manager: starting a cycle", sizeof(current_step));
@@ -852,12 +997,24 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	cm_remote_read_begin();
 	for (i = 0; i < nsources; i++)
 	{
-		stage_source(&sources[i], result);
+		stage_source_alone(&sources[i], result);
 		staged_any |= sources[i].staged[0] + sources[i].staged[1] > 0;
 		result->sources++;
 	}
 	cm_remote_read_end();
+
+	/*
+	 * One source failing leaves the others syncing; when every source
+	 * failed, so did the cycle (the worker backs off, as on any failure).
+	 */
+	for (i = 0; i < nsources && sources[i].error != NULL; i++)
+		;
+	if (nsources > 0 && i == nsources)
+		ReThrowError(sources[0].error);
+
 	apply_with_retry(sources, nsources, deltas, result);
+	new_failure = report_source_failures(sources, nsources,
+										 strcmp(trigger, "manual") == 0, result);
 
 	/*
 	 * Empty the scratch tables only when something was staged: a TRUNCATE
@@ -869,7 +1026,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 
 	result->finished_at = GetCurrentTimestamp();
 	result->duration_ms = (double) (result->finished_at - result->started_at) / 1000.0;
-	record_history(trigger, result);
+	record_history(trigger, result, new_failure);
 
 	SPI_finish();
 	cm_restore_role(&sync_role);

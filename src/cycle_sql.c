@@ -485,7 +485,7 @@ const char *cm_sql_sources =
 	"SELECT s.source_id, s.table_schema::text, s.table_name::text, s.layout,"
 	"       s.account_column::text, s.watermark,"
 	"       to_regclass(quote_ident(s.table_schema) || '.' || quote_ident(s.table_name))::oid,"
-	"       s.server_name::text"
+	"       s.server_name::text, s.last_error"
 	"  FROM cm.source s WHERE s.enabled ORDER BY s.source_id";
 
 /* Pool and market value of each tier; cycle.c turns them into deltas. */
@@ -502,7 +502,20 @@ const char *cm_sql_finish_source =
 	"UPDATE cm.source\n"
 	"   SET watermark = greatest(watermark, $2),\n"
 	"       newest_read = greatest(newest_read, $3),\n"
-	"       last_synced_at = now()\n"
+	"       last_synced_at = now(),\n"
+	"       last_error = NULL, last_error_at = NULL\n"
+	" WHERE source_id = $1";
+
+/*
+ * Record why a source's read failed (the other sources synced in the same
+ * cycle).  $1 source_id, $2 the error (cm_error_text).  last_error_at
+ * keeps the start of a run of the same error.
+ */
+const char *cm_sql_source_failed =
+	"UPDATE cm.source\n"
+	"   SET last_error_at = CASE WHEN last_error IS NOT DISTINCT FROM $2\n"
+	"                            THEN last_error_at ELSE now() END,\n"
+	"       last_error = $2\n"
 	" WHERE source_id = $1";
 
 /* Empty the batch after it was processed (its rows were only ever seen by this cycle). */
@@ -517,5 +530,5 @@ const char *cm_sql_history =
 	"                 WHERE started_at < now() - make_interval(secs => $12))"
 	" INSERT INTO cm.cycle_history (started_at, finished_at, duration_ms, trigger, sources,"
 	"                               rows_read, created, updated, completed_applied,"
-	"                               compensated, dead_lettered, adopted, lock_retries)"
-	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $13, $14)";
+	"                               compensated, dead_lettered, adopted, lock_retries, error)"
+	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $13, $14, $15)";

@@ -117,8 +117,9 @@ static const struct
 	{"discarded", ACL_SELECT},
 };
 
-/* The only columns of cm.source the cycle writes (the watermark). */
-static const char *const cm_source_update_columns[] = {"watermark", "newest_read", "last_synced_at"};
+/* The only columns of cm.source the cycle writes (its read position and state). */
+static const char *const cm_source_update_columns[] = {"watermark", "newest_read", "last_synced_at",
+"last_error", "last_error_at"};
 
 /* The functions of schema cm the cycle's statements call. */
 static const struct

@@ -216,3 +216,14 @@ cm_remote_check_exit(void)
 		CHECK_FOR_INTERRUPTS();
 	}
 }
+
+/*
+ * cm_remote_exit_requested
+ *		Whether SIGTERM came during a remote read: the error the read then
+ *		gets must end the cycle, not only the source it was reading.
+ */
+bool
+cm_remote_exit_requested(void)
+{
+	return exit_requested;
+}

@@ -337,6 +337,14 @@ cm_stats_cycle_done(const CmCycleResult *r)
 	db->compensated += r->compensated;
 	db->dead_lettered += r->dead_lettered;
 	db->consecutive_failures = 0;
+	/* a source that failed alone: counted, and its error kept */
+	if (r->sources_failed > 0)
+	{
+		db->errors++;
+		strlcpy(db->last_error, r->source_error ? r->source_error : "a source failed",
+				sizeof(db->last_error));
+		db->last_error_at = r->finished_at;
+	}
 	db->last_cycle_end = r->finished_at;
 	db->last_cycle_duration_ms = r->duration_ms;
 	LWLockRelease(cm_shared->lock);

@@ -18,6 +18,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_extension.h"
 #include "executor/tuptable.h"
+#include "lib/stringinfo.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
@@ -227,4 +228,41 @@ cm_has_enabled_source(void)
 	ExecDropSingleTupleTableSlot(slot);
 	table_close(rel, AccessShareLock);
 	return found;
+}
+
+/*
+ * cm_error_text
+ *		One line for cm_stats().last_error, cm.cycle_history.error and
+ *		cm.source.last_error: the message and SQLSTATE, then PostgreSQL's
+ *		DETAIL and HINT (the parts cut first when the line is too long for
+ *		shared memory).
+ */
+char *
+cm_error_text(const ErrorData *e)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, e->message);
+	appendStringInfo(&buf, " (SQLSTATE %s)", unpack_sql_state(e->sqlerrcode));
+	if (e->detail)
+		appendStringInfo(&buf, " DETAIL: %s", e->detail);
+	if (e->hint)
+		appendStringInfo(&buf, " HINT: %s", e->hint);
+	return buf.data;
+}
+
+/*
+ * cm_retry_cannot_fix
+ *		Whether retrying a failed cycle or source cannot help until somebody
+ *		acts: a missing object or privilege, a syntax or definition problem
+ *		(class 42), an authorization failure (class 28), a prerequisite
+ *		state such as an extension update (55000).
+ */
+bool
+cm_retry_cannot_fix(int sqlerrcode)
+{
+	return ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_SYNTAX_ERROR_OR_ACCESS_RULE_VIOLATION ||
+		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION ||
+		sqlerrcode == ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
 }

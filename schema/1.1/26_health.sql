@@ -16,6 +16,7 @@ DECLARE
     waiting  record;
     problems text[] := '{}';
     sync     record;
+    failing  record;
 BEGIN
     SELECT * INTO st FROM @extschema@.cm_stats();
     worker_running := st.worker_pid IS NOT NULL;
@@ -39,11 +40,27 @@ BEGIN
         END IF;
         IF st.consecutive_failures > 0 THEN
             problems := problems || format('last %s cycles failed: %s', st.consecutive_failures, st.last_error);
-            IF st.last_error ~* '(could not connect|connection to server|server closed the connection|cycle_timeout)' THEN
+            IF st.last_error ~* '(could not connect|connection to server|server closed the connection|cycle_timeout|\(SQLSTATE (08|28))' THEN
                 queue_reachable := false;
             END IF;
         END IF;
     END IF;
+
+    -- a source that fails alone (the others sync): named, with its error
+    FOR failing IN
+        SELECT s.source_id, format('%I.%I', s.table_schema, s.table_name) AS foreign_table,
+               s.server_name, s.last_error, s.last_error_at
+          FROM cm.source s
+         WHERE s.enabled AND s.last_error IS NOT NULL
+         ORDER BY s.source_id
+    LOOP
+        problems := problems || format('source %s (%s, server %s) fails since %s: %s',
+                                       failing.source_id, failing.foreign_table, failing.server_name,
+                                       failing.last_error_at, failing.last_error);
+        IF failing.last_error ~* '(could not connect|connection to server|server closed the connection|\(SQLSTATE (08|28))' THEN
+            queue_reachable := false;
+        END IF;
+    END LOOP;
 
     IF NOT EXISTS (SELECT 1 FROM cm.source WHERE enabled) THEN
         problems := problems || 'no enabled source: attach one with cm_attach_queue()'::text;
