@@ -78,7 +78,7 @@ extern char *cm_sql_stage_page(const char *foreign_table, const char *account_co
 							   const char *type_expr);
 extern char *cm_sql_process(const char *portfolios, const char *transactions,
 							Oid portfolios_oid, Oid transactions_oid);
-extern char *cm_sql_apply_accounts(const char *portfolios, bool set_updated_at);
+extern char *cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset);
 extern char *cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid);
 extern const char *cm_sql_move_stage;
 extern const char *cm_sql_clear_stage;
@@ -89,6 +89,10 @@ extern const char *cm_sql_finish_source;
 extern const char *cm_sql_source_failed;
 extern const char *cm_sql_clear_batch;
 extern const char *cm_sql_history;
+extern const char *cm_sql_stage_tids;
+extern const char *cm_sql_copy_stage;
+extern const char *cm_sql_dead_letter_staged;
+extern const char *cm_sql_batch_accounts;
 
 /* Helpers (util.c). */
 extern Oid	cm_target_relid(const char *relname, bool missing_ok);

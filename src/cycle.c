@@ -113,6 +113,17 @@ static int	max_stage_plans = 0;
  */
 #define CM_DEADLOCK_TIMEOUT "20ms"
 
+/*
+ * Poison-row isolation: a set of rows (or accounts) that fails on an error
+ * of the data is tried again as CM_SPLIT smaller sets, each in a
+ * subtransaction, down to the single rows that fail; those are
+ * dead-lettered and everything else applies in the same cycle.  A cycle
+ * that finds more than CM_MAX_ISOLATED failing rows in one source's pass
+ * fails instead: so many point to a cause outside the rows.
+ */
+#define CM_SPLIT 16
+#define CM_MAX_ISOLATED 1000
+
 static SPIPlanPtr process_plan = NULL;
 static SPIPlanPtr accounts_plan = NULL;
 static SPIPlanPtr lock_plan = NULL;
@@ -126,6 +137,11 @@ static SPIPlanPtr clear_plan = NULL;
 static SPIPlanPtr history_plan = NULL;
 static SPIPlanPtr stage_dl_plan = NULL;
 static SPIPlanPtr source_failed_plan = NULL;
+static SPIPlanPtr stage_tids_plan = NULL;
+static SPIPlanPtr copy_stage_plan = NULL;
+static SPIPlanPtr dl_staged_plan = NULL;
+static SPIPlanPtr batch_accounts_plan = NULL;
+static SPIPlanPtr accounts_subset_plan = NULL;
 
 /*
  * prepare_kept
@@ -241,6 +257,9 @@ prepare_fixed_plans(void)
 		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID,
 		INT8OID, INT4OID, TEXTOID};
 	Oid			failedargs[2] = {INT4OID, TEXTOID};
+	Oid			passargs[2] = {INT4OID, INT2OID};
+	Oid			tidsarg[1] = {TIDARRAYOID};
+	Oid			dlargs[2] = {TIDOID, TEXTOID};
 
 	if (sources_plan == NULL)
 		sources_plan = prepare_kept(cm_sql_sources, 0, NULL, 0);
@@ -254,6 +273,14 @@ prepare_fixed_plans(void)
 		history_plan = prepare_kept(cm_sql_history, 15, histargs, 0);
 	if (source_failed_plan == NULL)
 		source_failed_plan = prepare_kept(cm_sql_source_failed, 2, failedargs, 0);
+	if (stage_tids_plan == NULL)
+		stage_tids_plan = prepare_kept(cm_sql_stage_tids, 2, passargs, 0);
+	if (copy_stage_plan == NULL)
+		copy_stage_plan = prepare_kept(cm_sql_copy_stage, 1, tidsarg, 0);
+	if (dl_staged_plan == NULL)
+		dl_staged_plan = prepare_kept(cm_sql_dead_letter_staged, 2, dlargs, 0);
+	if (batch_accounts_plan == NULL)
+		batch_accounts_plan = prepare_kept(cm_sql_batch_accounts, 0, NULL, 0);
 	if (stage_dl_plan == NULL)
 		stage_dl_plan = prepare_kept(cm_sql_stage_dead_letters, 1, int4arg, 0);
 	if (move_plan == NULL)
@@ -293,7 +320,9 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 			SPI_freeplan(accounts_plan);
 		if (lock_plan != NULL)
 			SPI_freeplan(lock_plan);
-		process_plan = accounts_plan = lock_plan = NULL;
+		if (accounts_subset_plan != NULL)
+			SPI_freeplan(accounts_subset_plan);
+		process_plan = accounts_plan = lock_plan = accounts_subset_plan = NULL;
 
 		portfolios_name = quote_qualified_identifier(get_namespace_name(get_rel_namespace(portfolios)),
 													 get_rel_name(portfolios));
@@ -303,8 +332,17 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 												   portfolios, transactions),
 									4, argtypes, CURSOR_OPT_CUSTOM_PLAN);
 		accounts_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
-														   get_attnum(portfolios, "updated_at") != InvalidAttrNumber),
+														   get_attnum(portfolios, "updated_at") != InvalidAttrNumber,
+														   false),
 									 0, NULL, 0);
+		{
+			Oid			subsetarg[1] = {TEXTARRAYOID};
+
+			accounts_subset_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
+																	  get_attnum(portfolios, "updated_at") != InvalidAttrNumber,
+																	  true),
+												1, subsetarg, 0);
+		}
 		lock_plan = prepare_kept(cm_sql_lock_accounts(portfolios_name, portfolios), 0, NULL, 0);
 		process_plan_targets[0] = portfolios;
 		process_plan_targets[1] = transactions;
@@ -488,6 +526,107 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 
 	run_plan(clear_plan, NULL, NULL, SPI_OK_UTILITY);
 	return newest;
+}
+
+/*
+ * data_error
+ *		Whether an error of the processing or account statements is one the
+ *		rows themselves cause, so that trying the rows apart finds those
+ *		that cannot apply: a data exception (class 22: a value out of
+ *		range, a domain's type), an integrity constraint (class 23: CHECK,
+ *		NOT NULL, unique, foreign key, exclusion), an exception raised by a
+ *		trigger (P0001), a row-level security policy or a WITH CHECK OPTION
+ *		refusing the row (42501, class 44).  A missing privilege is found
+ *		before the cycle starts (privilege.c), so a 42501 here comes from a
+ *		policy.  Anything else (a lock, a cancel, the remote, resources)
+ *		fails the cycle as before.
+ */
+static bool
+data_error(const ErrorData *e)
+{
+	int			category = ERRCODE_TO_CATEGORY(e->sqlerrcode);
+
+	if (e->elevel != ERROR || cm_cycle_deadline_expired() || cm_remote_exit_requested())
+		return false;
+	return category == ERRCODE_DATA_EXCEPTION ||
+		category == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION ||
+		category == ERRCODE_WITH_CHECK_OPTION_VIOLATION ||
+		e->sqlerrcode == ERRCODE_RAISE_EXCEPTION ||
+		e->sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE;
+}
+
+/*
+ * poison_reason
+ *		The dead letter's reason for a row (or account) isolated on error e:
+ *		PostgreSQL's message, the SQLSTATE, the constraint or the user code
+ *		that raised it (the first line of the error's context), and the
+ *		DETAIL.
+ */
+static char *
+poison_reason(const ErrorData *e)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfo(&buf, "%s (SQLSTATE %s", e->message, unpack_sql_state(e->sqlerrcode));
+	if (e->constraint_name)
+		appendStringInfo(&buf, ", constraint %s", quote_identifier(e->constraint_name));
+	if (e->table_name)
+		appendStringInfo(&buf, " of %s", e->schema_name ?
+						 quote_qualified_identifier(e->schema_name, e->table_name) :
+						 quote_identifier(e->table_name));
+	if (e->context && strncmp(e->context, "consistency_manager:", 20) != 0)
+	{
+		const char *nl = strchr(e->context, '\n');
+
+		appendStringInfoString(&buf, ", raised by ");
+		appendBinaryStringInfo(&buf, e->context, nl ? (int) (nl - e->context) : (int) strlen(e->context));
+	}
+	appendStringInfoChar(&buf, ')');
+	if (e->detail)
+		appendStringInfo(&buf, " DETAIL: %s", e->detail);
+	return buf.data;
+}
+
+/*
+ * try_step
+ *		Run fn(arg) in a subtransaction.  Returns NULL when it succeeded
+ *		(the subtransaction is kept), or the error when it failed on an
+ *		error of the data (rolled back, see data_error); any other error
+ *		propagates.
+ */
+static ErrorData *
+try_step(void (*fn) (void *), void *arg)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	ErrorData  *volatile failure = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		fn(arg);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		if (!data_error(edata))
+			ReThrowError(edata);
+		failure = edata;
+	}
+	PG_END_TRY();
+	return failure;
 }
 
 /*
@@ -704,6 +843,244 @@ report_source_failures(Source *sources, int nsources, bool manual, CmCycleResult
 	return news;
 }
 
+/* One source's pass being applied (see apply_pass). */
+typedef struct PassWork
+{
+	Source	   *src;
+	int			pass;
+	Datum		deltas;
+	const Poison *poison;
+	CmCycleResult *result;
+	Datum		tids;			/* the staged rows of the set being tried (tid[]) */
+	TimestampTz newest;			/* newest updated_at of the rows applied so far */
+	int			isolated;		/* rows dead-lettered by isolation */
+} PassWork;
+
+/* apply_pass, first try: the whole pass, moved out of cm.stage. */
+static void
+process_whole_pass(void *arg)
+{
+	PassWork   *w = (PassWork *) arg;
+	Datum		values[2];
+	TimestampTz newest;
+
+	values[0] = Int32GetDatum(w->src->source_id);
+	values[1] = Int16GetDatum((int16) w->pass);
+	run_plan(move_plan, values, NULL, SPI_OK_INSERT);
+	newest = process_batch(w->src->source_id, w->deltas, w->poison, w->result);
+	w->newest = Max(w->newest, newest);
+}
+
+/* apply_pass, isolating: a set of staged rows, copied from cm.stage. */
+static void
+process_row_set(void *arg)
+{
+	PassWork   *w = (PassWork *) arg;
+	TimestampTz newest;
+
+	run_plan(copy_stage_plan, &w->tids, NULL, SPI_OK_INSERT);
+	newest = process_batch(w->src->source_id, w->deltas, w->poison, w->result);
+	w->newest = Max(w->newest, newest);
+}
+
+/*
+ * dead_letter_row
+ *		Dead-letter one staged row that cannot apply, with the error it
+ *		failed on.
+ */
+static void
+dead_letter_row(PassWork *w, ItemPointer tid, const ErrorData *e)
+{
+	Datum		values[2];
+	bool		isnull;
+	TimestampTz updated_at;
+
+	if (++w->isolated > CM_MAX_ISOLATED)
+		ereport(ERROR,
+				(errcode(e->sqlerrcode),
+				 errmsg("more than %d rows of source %d cannot be applied in one cycle: %s",
+						CM_MAX_ISOLATED, w->src->source_id, e->message),
+				 errdetail("The last one: %s", poison_reason(e)),
+				 errhint("So many failing rows point to a cause outside the rows, such as a trigger, "
+						 "a policy or a constraint of the portfolio tables that refuses every row; "
+						 "correct it, then SELECT cm_wake() retries at once.")));
+
+	values[0] = PointerGetDatum(tid);
+	values[1] = CStringGetTextDatum(poison_reason(e));
+	set_step("consistency_manager: dead-lettering a row that cannot apply");
+	run_plan(dl_staged_plan, values, NULL, SPI_OK_INSERT_RETURNING);
+	if (SPI_processed == 1)
+	{
+		if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+			w->result->dead_lettered++;
+		updated_at = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+													   SPI_tuptable->tupdesc, 2, &isnull));
+		if (!isnull)
+			w->newest = Max(w->newest, updated_at);
+	}
+	SPI_freetuptable(SPI_tuptable);
+}
+
+/*
+ * isolate_rows
+ *		The n staged rows at tids failed together with error e: try them
+ *		again as CM_SPLIT sets, each in a subtransaction; a set that fails
+ *		is split further, a single row that fails is dead-lettered with its
+ *		own error.  One poison row among n costs O(log n) statements.
+ */
+static void
+isolate_rows(PassWork *w, ItemPointerData *tids, int n, ErrorData *e)
+{
+	int			parts;
+	int			k;
+
+	if (n == 1)
+	{
+		dead_letter_row(w, &tids[0], e);
+		return;
+	}
+	parts = Min(CM_SPLIT, n);
+	for (k = 0; k < parts; k++)
+	{
+		int			lo = (int) ((int64) n * k / parts);
+		int			hi = (int) ((int64) n * (k + 1) / parts);
+		Datum	   *elems;
+		ErrorData  *failure;
+		int			j;
+
+		if (hi == lo)
+			continue;
+		elems = palloc(sizeof(Datum) * (hi - lo));
+		for (j = lo; j < hi; j++)
+			elems[j - lo] = PointerGetDatum(&tids[j]);
+		w->tids = PointerGetDatum(construct_array(elems, hi - lo, TIDOID,
+												  sizeof(ItemPointerData), false, TYPALIGN_SHORT));
+		set_step("consistency_manager: applying changes (isolating rows that cannot apply)");
+		failure = try_step(process_row_set, w);
+		pfree(elems);
+		if (failure != NULL)
+			isolate_rows(w, tids + lo, hi - lo, failure);
+	}
+}
+
+/*
+ * apply_pass
+ *		Apply one pass of one source (0: its dead letters, 1: the rows read)
+ *		and return the newest updated_at it applied or dead-lettered (0
+ *		when none).
+ *
+ * The whole pass is one statement, in a subtransaction.  When it fails on
+ * an error of the data (a CHECK or a trigger of portfolio_transactions the
+ * cycle does not model, say), the pass is rolled back and its rows are
+ * tried again in smaller sets (isolate_rows): the rows that cannot apply
+ * become dead letters with PostgreSQL's error, the others apply in this
+ * same cycle.
+ */
+static TimestampTz
+apply_pass(Source *src, int pass, Datum deltas, const Poison *poison, CmCycleResult *result)
+{
+	PassWork	w;
+	ErrorData  *failure;
+	Datum		values[2];
+	ItemPointerData *tids;
+	uint64		n;
+	uint64		i;
+
+	memset(&w, 0, sizeof(w));
+	w.src = src;
+	w.pass = pass;
+	w.deltas = deltas;
+	w.poison = poison;
+	w.result = result;
+
+	failure = try_step(process_whole_pass, &w);
+	if (failure == NULL)
+		return w.newest;
+
+	ereport(LOG,
+			(errmsg("consistency_manager isolates the rows of source %d that cannot apply: %s",
+					src->source_id, failure->message),
+			 errdetail("The %s of the source are tried again in smaller sets; those that fail alone become dead letters.",
+					   pass == 0 ? "dead letters" : "rows read")));
+
+	values[0] = Int32GetDatum(src->source_id);
+	values[1] = Int16GetDatum((int16) pass);
+	run_plan(stage_tids_plan, values, NULL, SPI_OK_SELECT);
+	n = SPI_processed;
+	tids = palloc(sizeof(ItemPointerData) * Max(n, 1));
+	for (i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(SPI_tuptable->vals[i],
+														  SPI_tuptable->tupdesc, 1, &isnull)),
+						&tids[i]);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	if (n > 0)
+		isolate_rows(&w, tids, (int) n, failure);
+	pfree(tids);
+	return w.newest;
+}
+
+/* The accounts the cycle writes, or a set of them (isolate_accounts). */
+typedef struct AccountWork
+{
+	SPIPlanPtr	plan;
+	Datum		accounts;		/* text[] for accounts_subset_plan */
+} AccountWork;
+
+static void
+write_accounts(void *arg)
+{
+	AccountWork *w = (AccountWork *) arg;
+
+	run_plan(w->plan, w->plan == accounts_subset_plan ? &w->accounts : NULL, NULL, SPI_OK_UPDATE);
+}
+
+/*
+ * isolate_accounts
+ *		The n accounts failed together with error e when written (a CHECK
+ *		or a trigger of user_portfolios refusing a new value): find, in
+ *		subtransactions and smaller sets, each account that fails alone,
+ *		and add it to *poison with its error, so that the local phase is
+ *		redone with that account's effects dead-lettered.  Returns the
+ *		number of accounts found.
+ */
+static int
+isolate_accounts(Datum *accounts, int n, ErrorData *e, Poison *poison, MemoryContext poison_cxt)
+{
+	AccountWork w;
+	int			parts;
+	int			k;
+	int			found = 0;
+
+	if (n == 1)
+	{
+		accumArrayResult(poison->accounts, accounts[0], false, TEXTOID, poison_cxt);
+		accumArrayResult(poison->reasons, CStringGetTextDatum(poison_reason(e)), false,
+						 TEXTOID, poison_cxt);
+		return 1;
+	}
+	w.plan = accounts_subset_plan;
+	parts = Min(CM_SPLIT, n);
+	for (k = 0; k < parts; k++)
+	{
+		int			lo = (int) ((int64) n * k / parts);
+		int			hi = (int) ((int64) n * (k + 1) / parts);
+		ErrorData  *failure;
+
+		if (hi == lo)
+			continue;
+		w.accounts = PointerGetDatum(construct_array(accounts + lo, hi - lo, TEXTOID,
+													 -1, false, TYPALIGN_INT));
+		failure = try_step(write_accounts, &w);
+		if (failure != NULL)
+			found += isolate_accounts(accounts + lo, hi - lo, failure, poison, poison_cxt);
+	}
+	return found;
+}
+
 /*
  * apply_staged
  *		The local phase of a cycle: process each source's dead letters and
@@ -713,8 +1090,9 @@ report_source_failures(Source *sources, int nsources, bool manual, CmCycleResult
  * Runs after every remote read, so no lock taken here is ever held while
  * the cycle waits for queue-db, and the account locks are taken last, for
  * one short step.  Returns false, with the accounts in *poison, when some
- * account's new value would not fit its column: the caller then redoes
- * this phase with those accounts' effects dead-lettered.
+ * account's new value would not fit its column or is refused by a CHECK
+ * or a trigger of user_portfolios: the caller then redoes this phase with
+ * those accounts' effects dead-lettered.
  */
 static bool
 apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
@@ -726,6 +1104,8 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 	int			pass;
 	uint64		n;
 	bool		processed = false;
+	AccountWork aw;
+	ErrorData  *failure;
 
 	for (i = 0; i < nsources; i++)
 	{
@@ -737,17 +1117,13 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 
 		for (pass = 0; pass < 2; pass++)
 		{
-			Datum		values[2];
 			TimestampTz newest = 0;
 			Datum		fvalues[3];
 			char		fnulls[3] = {' ', ' ', ' '};
 
 			if (src->staged[pass] > 0)
 			{
-				values[0] = Int32GetDatum(src->source_id);
-				values[1] = Int16GetDatum((int16) pass);
-				run_plan(move_plan, values, NULL, SPI_OK_INSERT);
-				newest = process_batch(src->source_id, deltas, poison, result);
+				newest = apply_pass(src, pass, deltas, poison, result);
 				processed = true;
 			}
 			if (pass == 0)
@@ -794,8 +1170,29 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 	SPI_freetuptable(SPI_tuptable);
 
 	set_step("consistency_manager: writing accounts");
-	run_plan(accounts, NULL, NULL, SPI_OK_UPDATE);
-	return true;
+	aw.plan = accounts;
+	failure = try_step(write_accounts, &aw);
+	if (failure == NULL)
+		return true;
+
+	/* some account's new values are refused: find which, redo without them */
+	run_plan(batch_accounts_plan, NULL, NULL, SPI_OK_SELECT);
+	n = SPI_processed;
+	{
+		Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
+		uint64		j;
+
+		for (j = 0; j < n; j++)
+		{
+			bool		isnull;
+
+			ids[j] = SPI_getbinval(SPI_tuptable->vals[j], SPI_tuptable->tupdesc, 1, &isnull);
+		}
+		set_step("consistency_manager: writing accounts (isolating accounts whose values are refused)");
+		if (n == 0 || isolate_accounts(ids, (int) n, failure, poison, poison_cxt) == 0)
+			ReThrowError(failure);
+	}
+	return false;
 }
 
 /*

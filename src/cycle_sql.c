@@ -435,6 +435,10 @@ cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid)
  * application committed before is kept, and the cycle's effect composes
  * with it.
  *
+ * With subset, only the accounts in $1 (text[]) are written: the cycle
+ * uses it to find which account's new values a CHECK or a trigger of
+ * user_portfolios refuses (see isolate_accounts in cycle.c).
+ *
  * A statement of its own, run after the processing statements: the foreign
  * key checks of the portfolio_transactions rows inserted there lock their
  * accounts FOR KEY SHARE at the end of each statement, and locking rows the
@@ -442,7 +446,7 @@ cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid)
  * slower than the whole insert on a 100k-row catch-up).
  */
 char *
-cm_sql_apply_accounts(const char *portfolios, bool set_updated_at)
+cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
 {
 	return psprintf(
 		"UPDATE %1$s p\n"
@@ -459,8 +463,9 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at)
 		"                        + cm.round_to(p.tier2_allocation * n.wd2, n.as2)\n"
 		"                        + cm.round_to(p.tier3_allocation * n.wd3, n.as3)%2$s\n"
 		"  FROM (" ACCOUNT_FACTORS ") n\n"
-		" WHERE p.accountid = n.accountid",
-		portfolios, set_updated_at ? ",\n       updated_at = now()" : "");
+		" WHERE p.accountid = n.accountid%3$s",
+		portfolios, set_updated_at ? ",\n       updated_at = now()" : "",
+		subset ? " AND p.accountid = ANY ($1::text[])" : "");
 }
 
 /*
@@ -532,3 +537,46 @@ const char *cm_sql_history =
 	"                               rows_read, created, updated, completed_applied,"
 	"                               compensated, dead_lettered, adopted, lock_retries, error)"
 	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $13, $14, $15)";
+
+/*
+ * Poison-row isolation (cycle.c): when the processing statement fails on
+ * an error of the data, the staged rows of that source and pass are tried
+ * again in smaller sets, addressed by their ctid in cm.stage (which is
+ * neither indexed nor changed meanwhile).
+ */
+
+/* The rows of one source and pass, in staging order.  $1 source_id, $2 pass. */
+const char *cm_sql_stage_tids =
+	"SELECT ctid FROM cm.stage WHERE source_id = $1 AND pass = $2 ORDER BY ctid";
+
+/* Copy a set of staged rows into cm.batch (they stay staged).  $1 tid[]. */
+const char *cm_sql_copy_stage =
+	"INSERT INTO cm.batch (source_id, queue_id, uuid, accountid, transaction_type,\n"
+	"                      tier_1, tier_2, tier_3, status, created_at, updated_at)\n"
+	"SELECT s.source_id, s.queue_id, s.uuid, s.accountid, s.transaction_type,\n"
+	"       s.tier_1, s.tier_2, s.tier_3, s.status, s.created_at, s.updated_at\n"
+	"  FROM cm.stage s WHERE s.ctid = ANY ($1::tid[])";
+
+/*
+ * Dead-letter one staged row that the processing statement cannot apply
+ * (isolated by the cycle).  $1 its ctid, $2 the reason.  Returns whether
+ * the dead letter is new and the row's updated_at.
+ */
+const char *cm_sql_dead_letter_staged =
+	"INSERT INTO cm.dead_letter AS d (source_id, queue_id, uuid, accountid, transaction_type,\n"
+	"                                 tier_1, tier_2, tier_3, status, created_at, updated_at, reason)\n"
+	"SELECT s.source_id, s.queue_id, s.uuid, s.accountid, s.transaction_type,\n"
+	"       s.tier_1, s.tier_2, s.tier_3, s.status, s.created_at, s.updated_at, $2\n"
+	"  FROM cm.stage s WHERE s.ctid = $1\n"
+	"ON CONFLICT (source_id, queue_id) DO UPDATE\n"
+	"   SET uuid = excluded.uuid, accountid = excluded.accountid,\n"
+	"       transaction_type = excluded.transaction_type, tier_1 = excluded.tier_1,\n"
+	"       tier_2 = excluded.tier_2, tier_3 = excluded.tier_3, status = excluded.status,\n"
+	"       created_at = excluded.created_at, updated_at = excluded.updated_at,\n"
+	"       reason = excluded.reason, last_seen = now(),\n"
+	"       attempts = d.attempts + (d.last_seen < now())::int\n"
+	"RETURNING d.xmax = 0, d.updated_at";
+
+/* The accounts the cycle is about to write, in key order. */
+const char *cm_sql_batch_accounts =
+	"SELECT DISTINCT accountid FROM cm.batch_account ORDER BY 1";

@@ -22,12 +22,13 @@ setup_portfolio_db($node, $node);
 create_accounts($node, 5, 'market');
 add_requests($node, 'ctx', 5, 5);
 
-# an application trigger that refuses every new transaction
+# an application trigger that refuses every new transaction, for a reason
+# that is not the rows' (55000: a data error would only dead-letter them)
 $node->safe_psql('portfolio', q{
 	CREATE FUNCTION app_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
 	BEGIN
 		RAISE EXCEPTION 'the application refuses transaction %', NEW.id
-			USING ERRCODE = 'P0001', DETAIL = 'app detail', HINT = 'app hint';
+			USING ERRCODE = '55000', DETAIL = 'app detail', HINT = 'app hint';
 	END $$;
 	CREATE TRIGGER app_refuse BEFORE INSERT ON portfolio_transactions
 		FOR EACH ROW EXECUTE FUNCTION app_refuse();
@@ -35,7 +36,7 @@ $node->safe_psql('portfolio', q{
 
 my ($rc, $out, $err) = $node->psql('portfolio', "\\set VERBOSITY verbose\nSELECT * FROM cm_sync_now()");
 isnt($rc, 0, 'the cycle fails');
-like($err, qr/ERROR:  P0001: the application refuses transaction/, "the client gets the trigger's message and SQLSTATE");
+like($err, qr/ERROR:  55000: the application refuses transaction/, "the client gets the trigger's message and SQLSTATE");
 like($err, qr/DETAIL:  app detail/, "and its DETAIL");
 like($err, qr/HINT:  app hint/, "and its HINT");
 like($err, qr/CONTEXT:  PL\/pgSQL function (public\.)?app_refuse\(\) line \d+ at RAISE/, "and the trigger's context");

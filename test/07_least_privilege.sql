@@ -43,7 +43,7 @@ DECLARE
     tt text := 'done';
 BEGIN
     IF current_setting('cm_test.fail', true) = 'on' THEN
-        RAISE EXCEPTION 'the application refuses this row';
+        RAISE EXCEPTION 'the application refuses this row' USING ERRCODE = '55000';  -- not the row's fault: fails the cycle
     END IF;
     BEGIN
         ALTER ROLE cm_t_app SUPERUSER;
@@ -161,8 +161,8 @@ SELECT lives_ok('CREATE TEMP TABLE after_cycle (x int)',
 -- an error inside the cycle, caught by the caller ----------------------------------
 UPDATE cm_remote.queue_server_investment_queue SET status = 'FAILED' WHERE queue_id = 1;
 SET LOCAL cm_test.fail = 'on';
-SELECT throws_ok('SELECT cm_sync_now()', 'P0001', 'the application refuses this row',
-    'an error raised by the application''s trigger fails the cycle');
+SELECT throws_ok('SELECT cm_sync_now()', '55000', 'the application refuses this row',
+    'an error raised by the application''s trigger (not a data error) fails the cycle');
 SET LOCAL cm_test.fail = 'off';
 SELECT is(current_user::text, 'postgres', 'after the failed cycle the caller is itself again');
 SELECT is(current_setting('search_path'), '"$user", public',
