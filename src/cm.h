@@ -38,6 +38,7 @@ extern bool cm_enabled;
 extern int	cm_polling_interval;
 extern int	cm_batch_size;
 extern int	cm_lookback_window;
+extern int	cm_lookback_fallback;
 extern int	cm_max_backoff;
 extern int	cm_history_retention;
 extern char *cm_portfolio_schema;
@@ -76,6 +77,8 @@ extern void cm_install_drop_guard(void);
 /* SQL text of the cycle (cycle_sql.c). */
 extern char *cm_sql_stage_page(const char *foreign_table, const char *account_column,
 							   const char *type_expr);
+extern char *cm_sql_stage_unplaceable(const char *foreign_table, const char *account_column,
+									  const char *type_expr);
 extern char *cm_sql_process(const char *portfolios, const char *transactions,
 							Oid portfolios_oid, Oid transactions_oid);
 extern char *cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset);

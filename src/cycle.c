@@ -34,6 +34,7 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
@@ -56,6 +57,7 @@ typedef struct StagePlan
 	int32		source_id;
 	Oid			relid;
 	SPIPlanPtr	plan;
+	SPIPlanPtr	unplaceable;	/* rows with a NULL or infinite updated_at */
 } StagePlan;
 
 /* One enabled source, as read at the start of a cycle. */
@@ -72,10 +74,33 @@ typedef struct Source
 	Oid			relid;
 	int64		staged[2];		/* rows staged: [0] dead letters, [1] read */
 	bool		has_newest_read;
-	TimestampTz newest_read;	/* newest updated_at read from queue-db */
+	TimestampTz newest_read;	/* read position after this cycle: updated_at */
+	int64		newest_read_id; /* ... and queue_id of the last row read */
+	int64		watermark_id;	/* read position before this cycle (with watermark) */
+	bool		has_read_horizon;
+	TimestampTz read_horizon;	/* oldest updated_at the last read may have missed */
+	Oid			activity_relid; /* cm_remote.activity_<server>, or InvalidOid */
+	char	   *remote_dbname;	/* the server's dbname option, or NULL */
+	struct ServerProbe *probe;	/* what queue-db said of its open transactions */
 	char	   *last_error;		/* cm.source.last_error as the cycle began */
 	ErrorData  *error;			/* why its read failed in this cycle, or NULL */
 } Source;
+
+/*
+ * What one server's pg_stat_activity said at the start of its first read in
+ * a cycle (probe_server): the start of its oldest open transaction and its
+ * clock.
+ */
+typedef struct ServerProbe
+{
+	char	   *server_name;
+	bool		done;			/* probed (successfully) in this cycle */
+	bool		available;		/* the foreign table exists and may be read */
+	bool		visible;		/* every session's transaction start was visible */
+	bool		has_oldest;
+	TimestampTz oldest;			/* min(xact_start) */
+	TimestampTz now;			/* max(query_start): queue-db's clock at the read */
+} ServerProbe;
 
 /*
  * Accounts whose new values would not fit their columns, found by the
@@ -252,7 +277,8 @@ prepare_fixed_plans(void)
 {
 	Oid			int4arg[1] = {INT4OID};
 	Oid			moveargs[2] = {INT4OID, INT2OID};
-	Oid			finishargs[3] = {INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Oid			finishargs[6] = {INT4OID, TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID,
+		TIMESTAMPTZOID, BOOLOID};
 	Oid			histargs[15] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
 		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID,
 		INT8OID, INT4OID, TEXTOID};
@@ -266,7 +292,7 @@ prepare_fixed_plans(void)
 	if (deltas_plan == NULL)
 		deltas_plan = prepare_kept(cm_sql_deltas, 0, NULL, 0);
 	if (finish_plan == NULL)
-		finish_plan = prepare_kept(cm_sql_finish_source, 3, finishargs, 0);
+		finish_plan = prepare_kept(cm_sql_finish_source, 6, finishargs, 0);
 	if (clear_plan == NULL)
 		clear_plan = prepare_kept(cm_sql_clear_batch, 0, NULL, 0);
 	if (history_plan == NULL)
@@ -360,9 +386,9 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
  * unified table has a transaction_type column.
  */
 static SPIPlanPtr
-get_stage_plan(const Source *src)
+get_stage_plan(const Source *src, SPIPlanPtr *unplaceable)
 {
-	Oid			argtypes[4] = {INT4OID, TIMESTAMPTZOID, INT8OID, INT8OID};
+	Oid			argtypes[5] = {INT4OID, TIMESTAMPTZOID, INT8OID, INT8OID, TIMESTAMPTZOID};
 	const char *type_expr;
 	char	   *sql;
 	StagePlan  *sp = NULL;
@@ -377,7 +403,10 @@ get_stage_plan(const Source *src)
 		}
 	}
 	if (sp != NULL && sp->relid == src->relid)
+	{
+		*unplaceable = sp->unplaceable;
 		return sp->plan;
+	}
 
 	if (sp == NULL)
 	{
@@ -393,11 +422,14 @@ get_stage_plan(const Source *src)
 		sp = &stage_plans[n_stage_plans++];
 		sp->source_id = src->source_id;
 		sp->plan = NULL;
+		sp->unplaceable = NULL;
 	}
 	else if (sp->plan != NULL)
 	{
 		SPI_freeplan(sp->plan);
+		SPI_freeplan(sp->unplaceable);
 		sp->plan = NULL;
+		sp->unplaceable = NULL;
 	}
 
 	if (strcmp(src->layout, "investment") == 0)
@@ -409,8 +441,18 @@ get_stage_plan(const Source *src)
 
 	sql = cm_sql_stage_page(quote_qualified_identifier(src->table_schema, src->table_name),
 							quote_identifier(src->account_column), type_expr);
-	sp->plan = prepare_kept(sql, 4, argtypes, 0);
+	/*
+	 * Planned for each page's values: a generic plan would not send the
+	 * page's LIMIT to queue-db, and would fetch every changed row per page.
+	 */
+	sp->plan = prepare_kept(sql, 5, argtypes, CURSOR_OPT_CUSTOM_PLAN);
+	sp->unplaceable = prepare_kept(cm_sql_stage_unplaceable(quote_qualified_identifier(src->table_schema,
+																					   src->table_name),
+															quote_identifier(src->account_column),
+															type_expr),
+								   5, argtypes, 0);
 	sp->relid = src->relid;
+	*unplaceable = sp->unplaceable;
 	return sp->plan;
 }
 
@@ -479,9 +521,47 @@ read_sources(int *count)
 			s->relid = InvalidOid;
 		s->server_name = SPI_getvalue(tup, desc, 8);
 		s->last_error = SPI_getvalue(tup, desc, 9);
+		s->watermark_id = DatumGetInt64(SPI_getbinval(tup, desc, 10, &isnull));
+		if (isnull)
+			s->watermark_id = PG_INT64_MIN;
+		s->read_horizon = DatumGetTimestampTz(SPI_getbinval(tup, desc, 11, &isnull));
+		s->has_read_horizon = !isnull && !TIMESTAMP_NOT_FINITE(s->read_horizon);
+		s->activity_relid = DatumGetObjectId(SPI_getbinval(tup, desc, 12, &isnull));
+		if (isnull)
+			s->activity_relid = InvalidOid;
+		s->remote_dbname = SPI_getvalue(tup, desc, 13);
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return sources;
+}
+
+/*
+ * attach_probes
+ *		Give each source the probe of its server, one per server and cycle
+ *		(sources of one server share a connection, so a snapshot).
+ */
+static void
+attach_probes(Source *sources, int nsources)
+{
+	int			i;
+	int			j;
+
+	for (i = 0; i < nsources; i++)
+	{
+		for (j = 0; j < i; j++)
+		{
+			if (strcmp(sources[j].server_name, sources[i].server_name) == 0)
+			{
+				sources[i].probe = sources[j].probe;
+				break;
+			}
+		}
+		if (sources[i].probe == NULL)
+		{
+			sources[i].probe = palloc0(sizeof(ServerProbe));
+			sources[i].probe->server_name = sources[i].server_name;
+		}
+	}
 }
 
 /*
@@ -630,6 +710,68 @@ try_step(void (*fn) (void *), void *arg)
 }
 
 /*
+ * probe_server
+ *		Ask queue-db, through cm_remote.activity_<server>, for the start of
+ *		its oldest open transaction and its clock, once per server and
+ *		cycle, before anything else is read from that server: postgres_fdw
+ *		reads a server in one REPEATABLE READ transaction, whose snapshot is
+ *		taken by this very query, so the transactions it shows open are
+ *		those whose rows the cycle's reads cannot see.
+ *
+ * Without the foreign table (a source attached before 1.1 whose server was
+ * not attached since) or the privilege to read it, the probe is not
+ * available and the read falls back to lookback_fallback.
+ */
+static void
+probe_server(Source *src)
+{
+	ServerProbe *p = src->probe;
+	StringInfoData sql;
+	Datum		arg[1];
+	Oid			argtype[1] = {TEXTOID};
+	bool		isnull;
+	HeapTuple	tup;
+	TupleDesc	desc;
+
+	if (p->done)
+		return;
+	p->available = OidIsValid(src->activity_relid) &&
+		pg_class_aclcheck(src->activity_relid, GetUserId(), ACL_SELECT) == ACLCHECK_OK;
+	if (!p->available)
+	{
+		p->done = true;
+		return;
+	}
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql,
+					 "SELECT min(a.xact_start), max(a.query_start),"
+					 "       count(*) FILTER (WHERE a.backend_type = 'client backend' AND a.state IS NULL)"
+					 "  FROM %s a",
+					 quote_qualified_identifier(get_namespace_name(get_rel_namespace(src->activity_relid)),
+												get_rel_name(src->activity_relid)));
+	if (src->remote_dbname)
+		appendStringInfoString(&sql, " WHERE a.datname = $1");
+	arg[0] = src->remote_dbname ? CStringGetTextDatum(src->remote_dbname) : (Datum) 0;
+	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s)",
+					  src->source_id, src->server_name));
+	if (SPI_execute_with_args(sql.data, src->remote_dbname ? 1 : 0, argtype, arg, NULL,
+							  true, 0) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read queue-db's pg_stat_activity for server %s", src->server_name);
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	p->oldest = DatumGetTimestampTz(SPI_getbinval(tup, desc, 1, &isnull));
+	p->has_oldest = !isnull;
+	p->now = DatumGetTimestampTz(SPI_getbinval(tup, desc, 2, &isnull));
+	if (isnull)
+		p->available = false;	/* not even its own session: nothing to go by */
+	p->visible = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull)) == 0;
+	SPI_freetuptable(SPI_tuptable);
+	pfree(sql.data);
+	p->done = true;
+}
+
+/*
  * stage_source
  *		Read one source into cm.stage: its dead letters (pass 0), then the
  *		rows changed in queue-db since (watermark - lookback_window) in
@@ -641,9 +783,11 @@ static void
 stage_source(Source *src, CmCycleResult *result)
 {
 	SPIPlanPtr	stage;
-	Datum		values[4];
+	SPIPlanPtr	unplaceable;
+	Datum		values[5];
 	TimestampTz from;
-	int64		last_id = PG_INT64_MIN;
+	TimestampTz upper;
+	int64		last_id;
 	int			save_nestlevel;
 
 	if (!OidIsValid(src->relid))
@@ -662,11 +806,50 @@ stage_source(Source *src, CmCycleResult *result)
 	run_plan(stage_dl_plan, values, NULL, SPI_OK_INSERT);
 	src->staged[0] = (int64) SPI_processed;
 
-	/* Then the keyset pages of changed rows. */
+	/*
+	 * Then the keyset pages of changed rows, from the read position or, when
+	 * older, from the horizon the last read recorded: the start of queue-db's
+	 * oldest transaction open then, under which a row it could not see may
+	 * have been stamped.  lookback_window widens it by a margin.
+	 */
+	probe_server(src);
+	last_id = src->watermark_id;
 	if (!src->has_watermark || TIMESTAMP_NOT_FINITE(src->watermark))
+	{
 		TIMESTAMP_NOBEGIN(from);
+		last_id = PG_INT64_MIN;
+	}
 	else
-		from = src->watermark - (int64) cm_lookback_window * INT64CONST(1000);
+	{
+		from = src->watermark;
+		if (!src->has_read_horizon)
+		{
+			/* no horizon recorded (first read since 1.0): the fixed window */
+			from -= (int64) cm_lookback_fallback * INT64CONST(1000);
+			last_id = PG_INT64_MIN;
+		}
+		else if (src->read_horizon <= from)
+		{
+			from = src->read_horizon;
+			last_id = PG_INT64_MIN;
+		}
+		if (cm_lookback_window > 0)
+		{
+			from -= (int64) cm_lookback_window * INT64CONST(1000);
+			last_id = PG_INT64_MIN;
+		}
+	}
+
+	/*
+	 * Rows stamped after queue-db's clock at this read (an application
+	 * writing its own timestamps, a bad clock) wait until queue-db's clock
+	 * reaches them: the read position never passes a row that can still
+	 * arrive before it.
+	 */
+	if (src->probe->available)
+		upper = src->probe->now;
+	else
+		TIMESTAMP_NOEND(upper);
 
 	/*
 	 * With few rows estimated, the planner may prefer to sort a page
@@ -683,7 +866,7 @@ stage_source(Source *src, CmCycleResult *result)
 	(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 
-	stage = get_stage_plan(src);
+	stage = get_stage_plan(src, &unplaceable);
 
 	/*
 	 * The phase names the source and its server: cm_health() reads it from
@@ -701,6 +884,7 @@ stage_source(Source *src, CmCycleResult *result)
 		values[1] = TimestampTzGetDatum(from);
 		values[2] = Int64GetDatum(last_id);
 		values[3] = Int64GetDatum((int64) cm_batch_size);
+		values[4] = TimestampTzGetDatum(upper);
 		run_plan(stage, values, NULL, SPI_OK_SELECT);
 
 		tup = SPI_tuptable->vals[0];
@@ -711,6 +895,7 @@ stage_source(Source *src, CmCycleResult *result)
 			from = DatumGetTimestampTz(SPI_getbinval(tup, desc, 2, &isnull));
 			last_id = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
 			src->newest_read = from;
+			src->newest_read_id = last_id;
 			src->has_newest_read = true;
 		}
 		src->staged[1] += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
@@ -719,6 +904,21 @@ stage_source(Source *src, CmCycleResult *result)
 		if (n < cm_batch_size)
 			break;
 	}
+
+	/*
+	 * Rows whose updated_at has no place in that order (NULL, infinite)
+	 * would never be read: they are read apart, and dead-lettered.
+	 */
+	run_plan(unplaceable, values, NULL, SPI_OK_SELECT);
+	{
+		bool		isnull;
+
+		result->rows_read += DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+														 SPI_tuptable->tupdesc, 1, &isnull));
+		src->staged[1] += DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+													  SPI_tuptable->tupdesc, 4, &isnull));
+	}
+	SPI_freetuptable(SPI_tuptable);
 	AtEOXact_GUC(true, save_nestlevel);
 }
 
@@ -843,6 +1043,40 @@ report_source_failures(Source *sources, int nsources, bool manual, CmCycleResult
 	return news;
 }
 
+/*
+ * finish_source
+ *		Record a source's successful read: its new read position (the last
+ *		row read, when it read any) and the horizon for the next read (see
+ *		stage_source).  Every read records it, whether or not it brought
+ *		rows.
+ */
+static void
+finish_source(const Source *src)
+{
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	const ServerProbe *p = src->probe;
+
+	values[0] = Int32GetDatum(src->source_id);
+	values[1] = TimestampTzGetDatum(src->newest_read);
+	values[2] = Int64GetDatum(src->newest_read_id);
+	if (!src->has_newest_read)
+		nulls[1] = nulls[2] = 'n';
+	if (p->available && p->visible)
+		values[3] = TimestampTzGetDatum(p->has_oldest ? Min(p->oldest, p->now) : p->now);
+	else if (p->available)
+		values[3] = TimestampTzGetDatum(p->now - (int64) cm_lookback_fallback * INT64CONST(1000));
+	else
+		nulls[3] = 'n';
+	values[4] = TimestampTzGetDatum(p->oldest);
+	if (!p->available || !p->visible || !p->has_oldest)
+		nulls[4] = 'n';
+	values[5] = BoolGetDatum(p->visible);
+	if (!p->available)
+		nulls[5] = 'n';
+	run_plan(finish_plan, values, nulls, SPI_OK_UPDATE);
+}
+
 /* One source's pass being applied (see apply_pass). */
 typedef struct PassWork
 {
@@ -965,9 +1199,7 @@ isolate_rows(PassWork *w, ItemPointerData *tids, int n, ErrorData *e)
 
 /*
  * apply_pass
- *		Apply one pass of one source (0: its dead letters, 1: the rows read)
- *		and return the newest updated_at it applied or dead-lettered (0
- *		when none).
+ *		Apply one pass of one source (0: its dead letters, 1: the rows read).
  *
  * The whole pass is one statement, in a subtransaction.  When it fails on
  * an error of the data (a CHECK or a trigger of portfolio_transactions the
@@ -976,7 +1208,7 @@ isolate_rows(PassWork *w, ItemPointerData *tids, int n, ErrorData *e)
  * become dead letters with PostgreSQL's error, the others apply in this
  * same cycle.
  */
-static TimestampTz
+static void
 apply_pass(Source *src, int pass, Datum deltas, const Poison *poison, CmCycleResult *result)
 {
 	PassWork	w;
@@ -995,7 +1227,7 @@ apply_pass(Source *src, int pass, Datum deltas, const Poison *poison, CmCycleRes
 
 	failure = try_step(process_whole_pass, &w);
 	if (failure == NULL)
-		return w.newest;
+		return;
 
 	ereport(LOG,
 			(errmsg("consistency_manager isolates the rows of source %d that cannot apply: %s",
@@ -1020,7 +1252,6 @@ apply_pass(Source *src, int pass, Datum deltas, const Poison *poison, CmCycleRes
 	if (n > 0)
 		isolate_rows(&w, tids, (int) n, failure);
 	pfree(tids);
-	return w.newest;
 }
 
 /* The accounts the cycle writes, or a set of them (isolate_accounts). */
@@ -1117,28 +1348,13 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 
 		for (pass = 0; pass < 2; pass++)
 		{
-			TimestampTz newest = 0;
-			Datum		fvalues[3];
-			char		fnulls[3] = {' ', ' ', ' '};
-
 			if (src->staged[pass] > 0)
 			{
-				newest = apply_pass(src, pass, deltas, poison, result);
+				apply_pass(src, pass, deltas, poison, result);
 				processed = true;
 			}
-			if (pass == 0)
-				continue;
-
-			/* every source read records it, whether or not it brought rows */
-			fvalues[0] = Int32GetDatum(src->source_id);
-			fvalues[1] = TimestampTzGetDatum(newest);
-			if (newest == 0)
-				fnulls[1] = 'n';
-			fvalues[2] = TimestampTzGetDatum(src->newest_read);
-			if (!src->has_newest_read)
-				fnulls[2] = 'n';
-			run_plan(finish_plan, fvalues, fnulls, SPI_OK_UPDATE);
 		}
+		finish_source(src);
 	}
 
 	/* an idle cycle has no account to lock */
@@ -1390,6 +1606,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	prepare_fixed_plans();
 	deltas = read_deltas();
 	sources = read_sources(&nsources);
+	attach_probes(sources, nsources);
 	/* every remote read first, before any lock in portfolio-db */
 	cm_remote_read_begin();
 	for (i = 0; i < nsources; i++)

@@ -31,13 +31,16 @@
  */
 #include "postgres.h"
 
+#include "lib/stringinfo.h"
+
 #include "cm.h"
 
 /*
  * Stage one keyset page of a source into cm.batch.
  *
  *	$1 source_id, $2 last updated_at read, $3 last queue_id read,
- *	$4 page size.
+ *	$4 page size, $5 queue-db's clock at the cycle's first read of the
+ *	server (rows stamped later wait for the next cycle; see stage_source).
  *
  * The redundant "updated_at >= $2" gives queue-db an index range to start
  * from (an index on (updated_at, queue_id) makes a page cost its size);
@@ -58,6 +61,7 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 		"         q.tier_1, q.tier_2, q.tier_3, q.status, q.created_at, q.updated_at"
 		"    FROM %s q"
 		"   WHERE q.updated_at >= $2 AND (q.updated_at > $2 OR q.queue_id > $3)"
+		"     AND q.updated_at <= $5 AND q.updated_at > '-infinity'::timestamptz"
 		"   ORDER BY q.updated_at, q.queue_id"
 		"   LIMIT $4),"
 		" ins AS ("
@@ -69,6 +73,11 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 		"   WHERE NOT EXISTS (SELECT 1 FROM cm.ledger l"
 		"                      WHERE l.uuid = cm.try_uuid(p.uuid) AND l.source_id = $1"
 		"                        AND l.updated_at = p.updated_at AND l.status = p.status)"
+		/* a version already waiting as a dead letter is retried from there */
+		"     AND NOT EXISTS (SELECT 1 FROM cm.dead_letter d"
+		"                      WHERE d.source_id = $1 AND d.queue_id = p.queue_id"
+		"                        AND d.updated_at IS NOT DISTINCT FROM p.updated_at"
+		"                        AND d.status IS NOT DISTINCT FROM p.status)"
 		/* a version an operator discarded (cm_discard_dead_letter) is never read again */
 		"     AND NOT EXISTS (SELECT 1 FROM cm.discarded x"
 		"                      WHERE x.source_id = $1 AND x.queue_id = p.queue_id"
@@ -80,6 +89,38 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 		"        (SELECT count(*) FROM ins)"
 		"   FROM page",
 		account_column, type_expr, foreign_table);
+}
+
+/*
+ * Stage the rows of a source that have no place in the order of updated_at
+ * (NULL, infinity, -infinity), so that they become dead letters with a
+ * reason rather than never being read.  Same parameters and result as
+ * cm_sql_stage_page ($2 to $5 declared, unused).  A row already
+ * waiting as a dead letter in that version is not staged again.
+ */
+char *
+cm_sql_stage_unplaceable(const char *foreign_table, const char *account_column,
+						 const char *type_expr)
+{
+	char	   *page = cm_sql_stage_page(foreign_table, account_column, type_expr);
+	const char *keyset =
+		"   WHERE q.updated_at >= $2 AND (q.updated_at > $2 OR q.queue_id > $3)"
+		"     AND q.updated_at <= $5 AND q.updated_at > '-infinity'::timestamptz"
+		"   ORDER BY q.updated_at, q.queue_id"
+		"   LIMIT $4),";
+	const char *unplaceable =
+		"   WHERE (q.updated_at IS NULL OR q.updated_at = 'infinity'::timestamptz"
+		"          OR q.updated_at = '-infinity'::timestamptz)),";
+	char	   *at = strstr(page, keyset);
+	StringInfoData buf;
+
+	if (at == NULL)
+		elog(ERROR, "page statement of the sync cycle has an unexpected shape");
+	initStringInfo(&buf);
+	appendBinaryStringInfo(&buf, page, at - page);
+	appendStringInfoString(&buf, unplaceable);
+	appendStringInfoString(&buf, at + strlen(keyset));
+	return buf.data;
 }
 
 /* Stage a source's dead letters for another try.  $1 source_id. */
@@ -196,6 +237,9 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"          WHEN x.kind IS NULL THEN format('unknown transaction_type %%s: expected INVEST or WITHDRAW',"
 		"                                          coalesce(quote_literal(x.transaction_type), 'NULL'))"
 		"          WHEN x.updated_at IS NULL THEN 'updated_at is NULL'"
+		"          WHEN NOT isfinite(x.updated_at) THEN"
+		"               format('updated_at is %%s: the cycle reads rows in the order of updated_at and cannot place this one',"
+		"                      x.updated_at)"
 		"          WHEN x.tier_1 IS NULL OR x.tier_2 IS NULL OR x.tier_3 IS NULL THEN"
 		"               format('a tier amount is NULL (%%s, %%s, %%s)',"
 		"                      coalesce(x.tier_1::text, 'NULL'), coalesce(x.tier_2::text, 'NULL'),"
@@ -490,23 +534,35 @@ const char *cm_sql_sources =
 	"SELECT s.source_id, s.table_schema::text, s.table_name::text, s.layout,"
 	"       s.account_column::text, s.watermark,"
 	"       to_regclass(quote_ident(s.table_schema) || '.' || quote_ident(s.table_name))::oid,"
-	"       s.server_name::text, s.last_error"
-	"  FROM cm.source s WHERE s.enabled ORDER BY s.source_id";
+	"       s.server_name::text, s.last_error, s.watermark_id, s.read_horizon,"
+	"       to_regclass(format('cm_remote.%I', 'activity_' || fs.oid))::oid,"
+	"       (SELECT substr(o, 8) FROM unnest(fs.srvoptions) o WHERE o LIKE 'dbname=%')"
+	"  FROM cm.source s LEFT JOIN pg_catalog.pg_foreign_server fs ON fs.srvname = s.server_name"
+	" WHERE s.enabled ORDER BY s.source_id";
 
 /* Pool and market value of each tier; cycle.c turns them into deltas. */
 const char *cm_sql_deltas =
 	"SELECT tier, pool_value, market_value FROM cm.tier_value ORDER BY tier";
 
 /*
- * Record a source's successful read: advance its watermark and note when it
- * was read and the newest change it saw (cm_sources() shows them without
- * asking queue-db).  $1 source_id, $2 newest updated_at applied (NULL when
- * nothing was), $3 newest updated_at read (NULL when nothing was).
+ * Record a source's successful read: its read position, the horizon for the
+ * next read, and when it was read (cm_sources() shows them without asking
+ * queue-db); clears the source's error.  $1 source_id, $2 and $3 the key of
+ * the last row read (NULL when it read none; the position never moves back),
+ * $4 the read horizon, $5 the start of queue-db's oldest open transaction,
+ * $6 whether queue-db showed every session (NULL when not asked).
  */
 const char *cm_sql_finish_source =
 	"UPDATE cm.source\n"
-	"   SET watermark = greatest(watermark, $2),\n"
-	"       newest_read = greatest(newest_read, $3),\n"
+	"   SET (watermark, watermark_id) =\n"
+	"         (SELECT CASE WHEN $2::timestamptz IS NULL OR (watermark IS NOT NULL AND\n"
+	"                      ($2, $3::bigint) <= (watermark, coalesce(watermark_id, -9223372036854775808)))\n"
+	"                      THEN watermark ELSE $2 END,\n"
+	"                 CASE WHEN $2::timestamptz IS NULL OR (watermark IS NOT NULL AND\n"
+	"                      ($2, $3::bigint) <= (watermark, coalesce(watermark_id, -9223372036854775808)))\n"
+	"                      THEN watermark_id ELSE $3 END),\n"
+	"       newest_read = greatest(newest_read, $2),\n"
+	"       read_horizon = $4, oldest_open_xact = $5, horizon_visible = $6,\n"
 	"       last_synced_at = now(),\n"
 	"       last_error = NULL, last_error_at = NULL\n"
 	" WHERE source_id = $1";

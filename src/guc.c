@@ -20,7 +20,8 @@ char	   *cm_role = NULL;
 bool		cm_enabled = true;
 int			cm_polling_interval = 30000;
 int			cm_batch_size = 10000;
-int			cm_lookback_window = 120000;
+int			cm_lookback_window = 0;
+int			cm_lookback_fallback = 120000;
 int			cm_max_backoff = 300000;
 int			cm_history_retention = 7 * 24 * 3600;
 int			cm_cycle_timeout = 600000;
@@ -92,10 +93,20 @@ cm_define_gucs(void)
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("consistency_manager.lookback_window",
-							"How far before a source's watermark each cycle reads again.",
-							"Covers queue-db transactions that commit after a later one "
-							"was already read: set it above the longest such transaction.",
+							"Margin before the read position and queue-db's oldest open transaction from which each cycle reads again.",
+							"The cycle follows queue-db's open transactions by itself; this margin is for "
+							"applications that stamp updated_at with their own clock: set it above that clock's lag.",
 							&cm_lookback_window,
+							0, 0, 7 * 24 * 3600 * 1000,
+							PGC_SUSET,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.lookback_fallback",
+							"How far back each cycle reads again when queue-db does not show the open transactions of other roles.",
+							"Used when the queue-db role of the user mapping lacks pg_read_all_stats: set it above "
+							"the longest queue-db transaction that updates queue rows, or grant pg_read_all_stats.",
+							&cm_lookback_fallback,
 							120000, 0, 7 * 24 * 3600 * 1000,
 							PGC_SUSET,
 							GUC_UNIT_MS,

@@ -118,8 +118,8 @@ static const struct
 };
 
 /* The only columns of cm.source the cycle writes (its read position and state). */
-static const char *const cm_source_update_columns[] = {"watermark", "newest_read", "last_synced_at",
-"last_error", "last_error_at"};
+static const char *const cm_source_update_columns[] = {"watermark", "watermark_id", "newest_read",
+	"last_synced_at", "read_horizon", "oldest_open_xact", "horizon_visible", "last_error", "last_error_at"};
 
 /* The functions of schema cm the cycle's statements call. */
 static const struct
@@ -838,5 +838,12 @@ cm_attach_queue(PG_FUNCTION_ARGS)
 	impl_fcinfo->args[1] = fcinfo->args[1];
 	result = FunctionCallInvoke(impl_fcinfo);
 	fcinfo->isnull = impl_fcinfo->isnull;
+
+	/* and queue-db's pg_stat_activity, to follow its open transactions */
+	{
+		Oid			nameargs[1] = {NAMEOID};
+
+		(void) OidFunctionCall1(cm_function_oid("attach_activity", 1, nameargs), fcinfo->args[0].value);
+	}
 	return result;
 }

@@ -48,3 +48,8 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- The tests stamp updated_at with now() of their own (local) transaction, as
+-- an application writing its own clock would: older than the remote
+-- transaction that writes the row.  The margin such applications need:
+SET LOCAL consistency_manager.lookback_window = '1h';
