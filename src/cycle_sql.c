@@ -303,7 +303,9 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"  INSERT INTO %2$s AS t (id, accountid, transaction_type, tier1_change, tier2_change,"
 		"                         tier3_change, total_amount, status, created_at, updated_at)"
 		"  SELECT f.id, f.accountid, f.kind, f.sgn * f.c1, f.sgn * f.c2, f.sgn * f.c3,"
-		"         f.sgn * (f.c1 + f.c2 + f.c3), f.portfolio_status, f.created_at, f.updated_at"
+		"         f.sgn * (f.c1 + f.c2 + f.c3), f.portfolio_status,"
+		/* a queue row without created_at: the request is known since updated_at */
+		"         coalesce(f.created_at, f.updated_at), f.updated_at"
 		"    FROM f WHERE f.act AND f.why IS NULL"
 		"  ON CONFLICT (id) DO UPDATE"
 		"     SET accountid = excluded.accountid, transaction_type = excluded.transaction_type,"

@@ -6,7 +6,7 @@
 -- with different queue_ids claim it (in one spelling or two, in one source
 -- or two), the first claim -- the one in the ledger, or within one batch
 -- the lowest queue_id -- applies, and the others are dead-lettered with a
--- reason naming it.
+-- reason naming it.  A queue row without created_at takes its updated_at.
 --
 -- Tier deltas: tier 1 +5 %, so that a wrong completion or compensation
 -- shows in the account.
@@ -14,7 +14,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(27);
+SELECT plan(28);
 
 \ir lib/helpers.sql
 
@@ -71,7 +71,7 @@ SELECT is(cm.try_uuid('A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11')::text, 'a0eebc99-9
 -- 2. spellings, and claims in one batch ---------------------------------------
 -- 1: upper case; 2: no hyphens; 3 and 4 claim one uuid in two spellings in
 -- the same batch (4 is read first: its updated_at is older), the lowest
--- queue_id keeps it; 5: not a uuid.
+-- queue_id keeps it; 5: not a uuid; 6: created_at NULL.
 SELECT pg_temp.queue_writable();
 INSERT INTO cm_remote.queue_server_investment_queue
         (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
@@ -79,11 +79,12 @@ VALUES (1, 'U1', 100, 0, 0, 'BBBBBBBB-0000-4000-8000-000000000001', 'COMPLETED',
        (2, 'U1', 1, 1, 1, 'bbbbbbbb000040008000000000000002', 'PENDING', now(), now()),
        (3, 'U1', 3, 3, 3, 'bbbbbbbb-0000-4000-8000-000000000003', 'PENDING', now(), now()),
        (4, 'U1', 4, 4, 4, 'BBBBBBBB-0000-4000-8000-000000000003', 'COMPLETED', now(), now() - interval '1 minute'),
-       (5, 'U1', 1, 1, 1, 'bbbbbbbb-0000-4000-8000-00000000000g', 'PENDING', now(), now());
+       (5, 'U1', 1, 1, 1, 'bbbbbbbb-0000-4000-8000-00000000000g', 'PENDING', now(), now()),
+       (6, 'U1', 1, 1, 1, 'bbbbbbbb-0000-4000-8000-000000000006', 'PENDING', NULL, now() - interval '2 minutes');
 
 SELECT is(pg_temp.sync(),
-    'sources=2 rows_read=5 created=3 updated=0 completed_applied=1 compensated=0 dead_lettered=2',
-    'cycle 1: three requests created, one completion applied, two rows dead-lettered');
+    'sources=2 rows_read=6 created=4 updated=0 completed_applied=1 compensated=0 dead_lettered=2',
+    'cycle 1: four requests created, one completion applied, two rows dead-lettered');
 SELECT is(pg_temp.tx('bbbbbbbb-0000-4000-8000-000000000001'), 'U1 INVEST 100.00 0.00 0.00=100.00 COMPLETED',
     'an upper-case uuid is applied');
 SELECT is((SELECT id::text FROM portfolio_transactions WHERE tier1_change = 100),
@@ -97,6 +98,9 @@ SELECT is(pg_temp.reason('investment', 4),
     'the other one is dead-lettered, naming the claim it collides with');
 SELECT matches(pg_temp.reason('investment', 5), '^malformed uuid ''bbbbbbbb-0000-4000-8000-00000000000g''',
     'a text that is not a uuid is still dead-lettered');
+SELECT is((SELECT created_at = updated_at FROM portfolio_transactions
+            WHERE id = 'bbbbbbbb-0000-4000-8000-000000000006'), true,
+    'a queue row without created_at becomes a transaction created at its updated_at');
 SELECT is(pg_temp.ledger('bbbbbbbb-0000-4000-8000-000000000003'), 'INVEST PENDING applied=false factors=NULL,NULL,NULL',
     'the ledger holds the winning row''s version of the uuid');
 -- 100.00 * 1.05
@@ -118,7 +122,7 @@ INSERT INTO cm_remote.queue_server_withdrawal_queue
 VALUES (1, 'U1', 1, 1, 1, 'bbbbbbbb-0000-4000-8000-000000000002', 'COMPLETED', now(), now());
 
 SELECT is(pg_temp.sync(),
-    'sources=2 rows_read=8 created=0 updated=0 completed_applied=0 compensated=0 dead_lettered=3',
+    'sources=2 rows_read=9 created=0 updated=0 completed_applied=0 compensated=0 dead_lettered=3',
     'cycle 2: the three later claims are dead-lettered, nothing is applied');
 SELECT is(pg_temp.reason('investment', 7),
     format('uuid bbbbbbbb-0000-4000-8000-000000000001 is already used by source %s, queue_id 1 (INVEST)', :inv),
@@ -142,14 +146,14 @@ SELECT is(pg_temp.dead('investment'), '4,5,7,8', 'exactly the losing and malform
 SELECT is(pg_temp.dead('withdrawal'), '1', 'and the withdrawal');
 
 SELECT is(pg_temp.sync(),
-    'sources=2 rows_read=8 created=0 updated=0 completed_applied=0 compensated=0 dead_lettered=0',
+    'sources=2 rows_read=9 created=0 updated=0 completed_applied=0 compensated=0 dead_lettered=0',
     'cycle 3 (re-run): nothing changes');
-SELECT is((SELECT count(*)::int FROM cm.ledger), 3, 'the ledger has one row per claimed uuid');
+SELECT is((SELECT count(*)::int FROM cm.ledger), 4, 'the ledger has one row per claimed uuid');
 
 -- 4. the first claim moves on; the dead letters stay --------------------------
 UPDATE cm_remote.queue_server_investment_queue SET status = 'FAILED' WHERE queue_id = 1;
 SELECT is(pg_temp.sync(),
-    'sources=2 rows_read=8 created=0 updated=1 completed_applied=0 compensated=1 dead_lettered=0',
+    'sources=2 rows_read=9 created=0 updated=1 completed_applied=0 compensated=1 dead_lettered=0',
     'cycle 4: the owner of the uuid fails and is compensated');
 SELECT is(pg_temp.account('U1'), 'allocation 1000.00+2000.00+3000.00=6000.00 value 1000.00+2000.00+3000.00=6000.00',
     'its completion is undone, once');
