@@ -19,9 +19,10 @@ CREATE OR REPLACE FUNCTION @extschema@.cm_sources()
     AS $$
         SELECT s.source_id, format('%I.%I', s.table_schema, s.table_name), s.layout, s.enabled,
                s.watermark, s.last_synced_at, s.newest_read,
-               greatest(now() - s.last_synced_at, interval '0'),
+               -- never an error, whatever the state: no lag for a time that is not finite
+               CASE WHEN isfinite(s.last_synced_at) THEN greatest(now() - s.last_synced_at, interval '0') END,
                (SELECT count(*) FROM cm.dead_letter d WHERE d.source_id = s.source_id)
           FROM cm.source s
          ORDER BY s.source_id
     $$;
-COMMENT ON FUNCTION @extschema@.cm_sources() IS 'each source with its watermark, the newest change its last read saw, and its lag (time since the last cycle that read and applied it; NULL before the first); opens no connection to queue-db';
+COMMENT ON FUNCTION @extschema@.cm_sources() IS 'each source with its watermark, the newest change its last read saw, and its lag (time since the last cycle that read and applied it; NULL before the first, or when that time is not finite); opens no connection to queue-db';
