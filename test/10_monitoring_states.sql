@@ -1,7 +1,7 @@
 -- 10_monitoring_states.sql -- the monitoring functions answer in every state.
 --
 -- cm_sources(), cm_status(), cm_health(), cm_stats(), cm_dead_letters(),
--- and cm_cycle_history() are what a dashboard and an alert
+-- cm_cycle_history() and cm_cycle_lock() are what a dashboard and an alert
 -- call; an error there hides the state it was called to show.  Each state
 -- below (never synced with a backlog, watermarks and times at +/-infinity,
 -- NULLs) must give an answer, never an error.
@@ -23,7 +23,7 @@ BEGIN
         'SELECT * FROM cm_sources()', 'SELECT cm_status()', 'SELECT * FROM cm_health()',
         'SELECT * FROM cm_stats()', 'SELECT * FROM cm_dead_letters()',
         'SELECT * FROM cm_cycle_history()', 'SELECT * FROM cm_cycle_history(NULL)',
-        'SELECT * FROM cm_cycle_history(-1)',
+        'SELECT * FROM cm_cycle_history(-1)', 'SELECT * FROM cm_cycle_lock()',
         'SELECT * FROM cm_tier_deltas()']
     LOOP
         BEGIN
