@@ -106,7 +106,9 @@ const char *cm_sql_stage_dead_letters =
  *	c	  each staged row with its status mapping, portfolio, ledger entry,
  *		  change class (new/changed/same/stale), effect on the account
  *		  (apply/compensate) and, for rows that would act, why it cannot; a
- *		  uuid the ledger holds for another source or type is a conflict;
+ *		  uuid the ledger holds for another queue row (source, queue_id) or
+ *		  type, or that a row of the batch with a lower queue_id claims, is
+ *		  a conflict;
  *	a	  per account, the product of the factors of its effects;
  *	f	  the rows with their final verdict (why is NULL: apply it);
  *	dl, undl, tx, li, lu   the writes; pa adds the factors of each account
