@@ -132,6 +132,7 @@ claim_worker_slot(void)
 	{
 		cm_shared->worker_pid = MyProcPid;
 		cm_shared->worker_latch = &MyProc->procLatch;
+		cm_shared->worker_skipping_since = 0;
 		claimed = true;
 	}
 	LWLockRelease(cm_shared->lock);
@@ -385,10 +386,14 @@ cm_worker_main(Datum main_arg)
 		if (!cm_enabled)
 		{
 			cm_set_worker_state("disabled");
+			cm_stats_turn_taken();
 			pgstat_report_activity(STATE_IDLE, "consistency_manager: disabled (consistency_manager.enabled = off)");
 		}
 		else if (!extension_ready(&exists))
+		{
 			wait_for_extension(exists, &announced_wait);
+			cm_stats_turn_taken();
+		}
 		else
 		{
 			CmCycleResult r;
@@ -409,6 +414,8 @@ cm_worker_main(Datum main_arg)
 				last_error = NULL;
 				if (!r.ran)
 					cm_stats_skipped();
+				else
+					cm_stats_turn_taken();
 			}
 			else
 			{
@@ -416,6 +423,7 @@ cm_worker_main(Datum main_arg)
 				char	   *text = cm_error_text(failure);
 				bool		changed = last_error == NULL || strcmp(last_error, message) != 0;
 
+				cm_stats_turn_taken();
 				failures++;
 				timeout = cm_backoff_ms(cm_polling_interval, failures);
 				cm_stats_cycle_failed(text);

@@ -72,6 +72,7 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 		"    FROM page p"
 		"   WHERE NOT EXISTS (SELECT 1 FROM cm.ledger l"
 		"                      WHERE l.uuid = cm.try_uuid(p.uuid) AND l.source_id = $1"
+		"                        AND l.queue_id = p.queue_id"
 		"                        AND l.updated_at = p.updated_at AND l.status = p.status)"
 		/* a version already waiting as a dead letter is retried from there */
 		"     AND NOT EXISTS (SELECT 1 FROM cm.dead_letter d"
@@ -146,7 +147,9 @@ const char *cm_sql_stage_dead_letters =
  *	c	  each staged row with its status mapping, portfolio, ledger entry,
  *		  change class (new/changed/same/stale), effect on the account
  *		  (apply/compensate) and, for rows that would act, why it cannot; a
- *		  uuid the ledger holds for another source or type is a conflict;
+ *		  uuid the ledger holds for another queue row (source, queue_id) or
+ *		  type, or that a row of the batch with a lower queue_id claims, is
+ *		  a conflict;
  *	a	  per account, the product of the factors of its effects;
  *	f	  the rows with their final verdict (why is NULL: apply it);
  *	dl, undl, tx, li, lu   the writes; pa adds the factors of each account
@@ -194,6 +197,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         k.tl1, k.tl2, k.tl3, k.tl4, k.alen,"
 		"         m.portfolio_status, p.accountid IS NOT NULL AS has_portfolio,"
 		"         l.uuid IS NOT NULL AS in_ledger, l.source_id AS l_source, l.kind AS l_kind,"
+		"         l.queue_id AS l_queue_id, claim.queue_id AS batch_claim,"
 		"         t.id IS NOT NULL AS adopted,"
 		"         prior.applied AS l_applied,"
 		"         l.factor1 AS l_f1, l.factor2 AS l_f2, l.factor3 AS l_f3,"
@@ -207,6 +211,15 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"    LEFT JOIN cm.status_map m ON m.queue_status = b.status"
 		"    LEFT JOIN %1$s p ON p.accountid = b.accountid"
 		"    LEFT JOIN cm.ledger l ON l.uuid = cm.try_uuid(b.uuid)"
+		/*
+		 * Several rows of the batch claiming one uuid (spelled alike or
+		 * not) that the ledger does not hold yet: the lowest queue_id
+		 * claims it, so the upsert below never meets an id twice.
+		 */
+		"    LEFT JOIN (SELECT cm.try_uuid(d.uuid) AS id, min(d.queue_id) AS queue_id"
+		"                 FROM cm.batch d"
+		"                GROUP BY 1 HAVING min(d.queue_id) <> max(d.queue_id)) claim"
+		"           ON claim.id = cm.try_uuid(b.uuid)"
 		"    LEFT JOIN unnest($3::text[], $4::text[]) AS poison(accountid, reason)"
 		"           ON poison.accountid = b.accountid"
 		/*
@@ -229,7 +242,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         x.change IN ('new', 'changed', 'conflict') AS act,"
 		"         CASE"
 		"          WHEN x.change NOT IN ('new', 'changed', 'conflict') THEN NULL"
-		"          WHEN x.id IS NULL THEN format('malformed uuid %%s: expected 8-4-4-4-12 lower-case hexadecimal digits',"
+		"          WHEN x.id IS NULL THEN format('malformed uuid %%s: expected 32 hexadecimal digits, as in 8-4-4-4-12 form',"
 		"                                        coalesce(quote_literal(x.uuid_text), 'NULL'))"
 		"          WHEN x.status IS NULL THEN 'status is NULL'"
 		"          WHEN x.portfolio_status IS NULL THEN"
@@ -259,9 +272,12 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"               format('account id %%L is longer than the %%s characters %%s.accountid allows',"
 		"                      x.accountid, x.alen, %3$u::oid::regclass)"
 		"          WHEN NOT x.has_portfolio THEN format('account %%L has no row in %%s', x.accountid, %3$u::oid::regclass)"
+		"          WHEN x.change = 'conflict' AND NOT x.in_ledger THEN"
+		"               format('uuid %%s is also used by source %%s, queue_id %%s, read in the same batch (the lowest queue_id keeps it)',"
+		"                      x.id, $1, x.batch_claim)"
 		"          WHEN x.change = 'conflict' THEN"
-		"               format('uuid %%s is already used by source %%s (%%s)',"
-		"                      x.id, x.l_source, x.l_kind)"
+		"               format('uuid %%s is already used by source %%s, queue_id %%s (%%s)',"
+		"                      x.id, x.l_source, x.l_queue_id, x.l_kind)"
 		"          WHEN x.effect = 'compensate' AND (x.l_f1 IS NULL OR x.l_f2 IS NULL OR x.l_f3 IS NULL) THEN"
 		"               format('cannot compensate: its completion was adopted from an existing %%s row, so the factors it applied are unknown; correct account %%s by hand',"
 		"                      %4$u::oid::regclass, x.accountid)"
@@ -270,8 +286,10 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"          WHEN x.effect IS NOT NULL AND x.poison_reason IS NOT NULL THEN x.poison_reason"
 		"         END AS reason"
 		"    FROM (SELECT x.*,"
-		"                 CASE WHEN NOT x.in_ledger THEN 'new'"
-		"                      WHEN x.l_source <> $1 OR x.l_kind IS DISTINCT FROM x.kind THEN 'conflict'"
+		"                 CASE WHEN NOT x.in_ledger AND x.queue_id <> x.batch_claim THEN 'conflict'"
+		"                      WHEN NOT x.in_ledger THEN 'new'"
+		"                      WHEN x.l_source <> $1 OR x.l_queue_id <> x.queue_id"
+		"                           OR x.l_kind IS DISTINCT FROM x.kind THEN 'conflict'"
 		"                      WHEN x.updated_at = x.l_updated_at AND x.status = x.l_status THEN 'same'"
 		"                      WHEN x.updated_at < x.l_updated_at THEN 'stale'"
 		"                      ELSE 'changed' END AS change"
@@ -331,7 +349,9 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"  INSERT INTO %2$s AS t (id, accountid, transaction_type, tier1_change, tier2_change,"
 		"                         tier3_change, total_amount, status, created_at, updated_at)"
 		"  SELECT f.id, f.accountid, f.kind, f.sgn * f.c1, f.sgn * f.c2, f.sgn * f.c3,"
-		"         f.sgn * (f.c1 + f.c2 + f.c3), f.portfolio_status, f.created_at, f.updated_at"
+		"         f.sgn * (f.c1 + f.c2 + f.c3), f.portfolio_status,"
+		/* a queue row without created_at: the request is known since updated_at */
+		"         coalesce(f.created_at, f.updated_at), f.updated_at"
 		"    FROM f WHERE f.act AND f.why IS NULL"
 		"  ON CONFLICT (id) DO UPDATE"
 		"     SET accountid = excluded.accountid, transaction_type = excluded.transaction_type,"

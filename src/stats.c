@@ -58,6 +58,7 @@ static int	my_slot = -1;
 static bool warned_full = false;
 
 PG_FUNCTION_INFO_V1(cm_stats);
+PG_FUNCTION_INFO_V1(cm_worker_skipping_since);
 
 /*
  * shared_state_size
@@ -354,16 +355,68 @@ cm_stats_cycle_done(const CmCycleResult *r)
  * cm_stats_skipped
  *		The worker skipped its turn: a manual cycle held the lock.  Called
  *		outside a transaction.
+ *
+ * The first turn of a run of skipped ones is remembered, so that
+ * cm_health() can tell a session that keeps the lock for long (a
+ * cm_sync_now() in a transaction left open) from an occasional manual
+ * cycle.
  */
 void
 cm_stats_skipped(void)
 {
-	CmDatabaseStats *db = lock_database_stats(false);
+	CmDatabaseStats *db;
 
+	if (cm_shared == NULL)
+		return;
+	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
+	if (cm_shared->worker_skipping_since == 0)
+		cm_shared->worker_skipping_since = GetCurrentTimestamp();
+	LWLockRelease(cm_shared->lock);
+
+	db = lock_database_stats(false);
 	if (db == NULL)
 		return;
 	db->skipped++;
 	LWLockRelease(cm_shared->lock);
+}
+
+/*
+ * cm_stats_turn_taken
+ *		The worker's turn was not skipped for want of the cycle lock (it
+ *		ran a cycle, failed one, or had none to run): the run of skipped
+ *		turns, if any, is over.
+ */
+void
+cm_stats_turn_taken(void)
+{
+	if (cm_shared == NULL)
+		return;
+	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
+	cm_shared->worker_skipping_since = 0;
+	LWLockRelease(cm_shared->lock);
+}
+
+/*
+ * cm_worker_skipping_since() returns timestamptz
+ *		Since when the sync worker has skipped every turn because another
+ *		session held the cycle lock; NULL when its last turn was not
+ *		skipped, or no worker runs.
+ */
+Datum
+cm_worker_skipping_since(PG_FUNCTION_ARGS)
+{
+	TimestampTz since = 0;
+
+	if (cm_shared != NULL)
+	{
+		LWLockAcquire(cm_shared->lock, LW_SHARED);
+		if (cm_shared->worker_pid != 0)
+			since = cm_shared->worker_skipping_since;
+		LWLockRelease(cm_shared->lock);
+	}
+	if (since == 0)
+		PG_RETURN_NULL();
+	PG_RETURN_TIMESTAMPTZ(since);
 }
 
 /*

@@ -51,6 +51,9 @@ typedef struct CmSharedState
 	int			worker_exit_code;	/* of the last sync worker; -1: unknown */
 	char		worker_state[64];
 	bool		wake_requested; /* set by cm_wake(), cleared by the worker */
+	TimestampTz worker_skipping_since;	/* first of the turns the worker has
+										 * skipped in a row for want of the
+										 * cycle lock; 0: it took its last turn */
 
 	/* cycles, by the worker and by cm_sync_now(), per database */
 	int			max_databases;
@@ -66,5 +69,6 @@ extern void cm_set_worker_state(const char *state);
 extern void cm_set_launcher_state(const char *state);
 extern void cm_stats_claim_database(void);
 extern void cm_stats_skipped(void);
+extern void cm_stats_turn_taken(void);
 
 #endif							/* CM_STATS_H */

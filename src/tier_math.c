@@ -155,53 +155,73 @@ cm_factor_pow(PG_FUNCTION_ARGS)
 }
 
 /*
+ * hex_digit
+ *		The value of one hexadecimal digit, either case; -1 for anything else.
+ */
+static inline int
+hex_digit(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/*
  * cm_try_uuid(text) returns uuid
- *		The uuid a queue row's text stands for, or NULL when it is malformed.
+ *		The uuid a queue row's text stands for, or NULL when it is not one.
  *
- * Only the canonical form is accepted: 8-4-4-4-12 lower-case hexadecimal
- * digits, as the queue services (and uuid_out) write it.  Refusing the other
- * spellings uuid_in tolerates (upper case, braces, no hyphens) keeps "one
- * text, one uuid" true, so the queue's unique constraint on the text stays a
- * unique constraint on the uuid: two rows can never claim one transaction.  Returning NULL instead of raising lets the cycle send the row to the
- * dead-letter table and go on with the batch.
+ * A text is a uuid when PostgreSQL's uuid type reads it as one: 32
+ * hexadecimal digits of either case, a hyphen allowed after any group of
+ * four of them (but not after the last), the whole optionally in braces.
+ * So 'BBBBBBBB-0000-...' and 'bbbbbbbb-0000-...' are the same uuid, as they
+ * are to a uuid column; the cycle stores the canonical form (uuid_out's)
+ * and treats two queue rows claiming one uuid, in whatever spellings, as a
+ * conflict (cycle_sql.c).  Returning NULL instead of raising lets the cycle
+ * send a malformed row to the dead-letter table and go on with the batch;
+ * parsing here rather than calling uuid_in also spares the cost of an
+ * error per bad row.
  */
 Datum
 cm_try_uuid(PG_FUNCTION_ARGS)
 {
 	text	   *t = PG_GETARG_TEXT_PP(0);
 	const char *s = VARDATA_ANY(t);
+	const char *end = s + VARSIZE_ANY_EXHDR(t);
 	pg_uuid_t  *uuid;
-	int			i;
-	int			nibbles = 0;
+	int			nibble;
 
-	if (VARSIZE_ANY_EXHDR(t) != 36)
+	/* 32 digits, at most 7 hyphens and 2 braces */
+	if (end - s < 32 || end - s > 41)
 		PG_RETURN_NULL();
-
-	/* parsed here rather than by uuid_in: this runs for every row read */
-	uuid = (pg_uuid_t *) palloc(sizeof(pg_uuid_t));
-	for (i = 0; i < 36; i++)
+	if (*s == '{')
 	{
-		char		c = s[i];
+		if (end[-1] != '}')
+			PG_RETURN_NULL();
+		s++;
+		end--;
+	}
+
+	uuid = (pg_uuid_t *) palloc(sizeof(pg_uuid_t));
+	for (nibble = 0; nibble < 32; nibble++)
+	{
 		int			v;
 
-		if (i == 8 || i == 13 || i == 18 || i == 23)
-		{
-			if (c != '-')
-				PG_RETURN_NULL();
-			continue;
-		}
-		if (c >= '0' && c <= '9')
-			v = c - '0';
-		else if (c >= 'a' && c <= 'f')
-			v = c - 'a' + 10;
-		else
+		if (s >= end || (v = hex_digit(*s++)) < 0)
 			PG_RETURN_NULL();
-		if (nibbles % 2 == 0)
-			uuid->data[nibbles / 2] = (unsigned char) (v << 4);
+		if (nibble % 2 == 0)
+			uuid->data[nibble / 2] = (unsigned char) (v << 4);
 		else
-			uuid->data[nibbles / 2] |= (unsigned char) v;
-		nibbles++;
+			uuid->data[nibble / 2] |= (unsigned char) v;
+		/* one hyphen may follow each group of four digits but the last */
+		if (nibble % 4 == 3 && nibble < 31 && s < end && *s == '-')
+			s++;
 	}
+	if (s != end)
+		PG_RETURN_NULL();
 	PG_RETURN_UUID_P(uuid);
 }
 

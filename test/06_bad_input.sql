@@ -111,7 +111,7 @@ SELECT matches(pg_temp.reason('investment', 13), '^tier 1 value 10499999999998\.
     'a completion that would overflow the account''s numeric(15,2) value: dead-lettered');
 SELECT matches(pg_temp.reason('investment', 14), '^a tier amount is NULL',
     'NULL amount: dead-lettered');
-SELECT matches(pg_temp.reason('withdrawal', 2), '^uuid e0000000-0000-4000-8000-000000000016 is already used by source [0-9]+ \(INVEST\)',
+SELECT matches(pg_temp.reason('withdrawal', 2), '^uuid e0000000-0000-4000-8000-000000000016 is already used by source [0-9]+, queue_id 16 \(INVEST\)$',
     'a uuid already used by the investment queue: the withdrawal is dead-lettered');
 SELECT matches(pg_temp.reason('unified', 2), '^unknown transaction_type ''TRANSFER''',
     'unknown transaction_type in the unified layout: dead-lettered');
@@ -219,9 +219,9 @@ VALUES (4, 'B1', 2, 2, 2, 'e0000000-0000-4000-8000-000000000020', 'PENDING', now
 SELECT is(pg_temp.sync(),
     'sources=3 rows_read=26 created=2 updated=0 completed_applied=0 compensated=0 dead_lettered=2',
     'cycle 5: two investments are created, the two withdrawals reusing their uuids are dead-lettered');
-SELECT matches(pg_temp.reason('withdrawal', 4), '^uuid e0000000-0000-4000-8000-000000000020 is already used by source [0-9]+ \(INVEST\)',
+SELECT matches(pg_temp.reason('withdrawal', 4), '^uuid e0000000-0000-4000-8000-000000000020 is already used by source [0-9]+, queue_id 20 \(INVEST\)$',
     'a withdrawal with the same uuid, updated_at and status as an investment is dead-lettered');
-SELECT matches(pg_temp.reason('withdrawal', 5), '^uuid e0000000-0000-4000-8000-000000000021 is already used by source [0-9]+ \(INVEST\)',
+SELECT matches(pg_temp.reason('withdrawal', 5), '^uuid e0000000-0000-4000-8000-000000000021 is already used by source [0-9]+, queue_id 21 \(INVEST\)$',
     'a withdrawal with the uuid of a newer investment is dead-lettered');
 SELECT is(pg_temp.tx('e0000000-0000-4000-8000-000000000020'), 'B1 INVEST 1.00 1.00 1.00=3.00 PENDING',
     'the investment keeps the uuid');
@@ -230,7 +230,7 @@ SELECT is(pg_temp.tx('e0000000-0000-4000-8000-000000000020'), 'B1 INVEST 1.00 1.
 -- its uuid, has not been fixed and must stay a dead letter
 UPDATE cm_remote.queue_server_investment_queue SET status = 'PROCESSING' WHERE queue_id = 16;
 DO $$ BEGIN PERFORM cm_sync_now(); END $$;
-SELECT matches(pg_temp.reason('withdrawal', 2), '^uuid e0000000-0000-4000-8000-000000000016 is already used by source [0-9]+ \(INVEST\)',
+SELECT matches(pg_temp.reason('withdrawal', 2), '^uuid e0000000-0000-4000-8000-000000000016 is already used by source [0-9]+, queue_id 16 \(INVEST\)$',
     'a uuid-conflict dead letter stays when the winning investment changes later');
 SELECT is(pg_temp.tx('e0000000-0000-4000-8000-000000000016'), 'B1 INVEST 1.00 1.00 1.00=3.00 PENDING',
     'the investment that owns the uuid is updated');

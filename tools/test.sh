@@ -9,6 +9,7 @@
 #   bash tools/test.sh              every suite
 #   bash tools/test.sh regress      one suite (regress, pgtap or tap)
 #   CM_TAP="t/050_x.pl" bash tools/test.sh tap     some TAP files only
+#   CM_PGTAP="test/06_x.sql" bash tools/test.sh pgtap     some pgTAP files only
 
 source "$(dirname "${BASH_SOURCE[0]}")/cluster.sh"
 
@@ -93,7 +94,7 @@ run_pgtap() {
         -c "CREATE EXTENSION consistency_manager CASCADE" \
         -c "CREATE SERVER queue_server FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1', port '$port', dbname 'queue')" \
         -c "CREATE USER MAPPING FOR postgres SERVER queue_server OPTIONS (user 'postgres')"
-    if (cd "$WORK" && as_pg pg_prove ${PGPROVE_OPTS:-} -h 127.0.0.1 -p "$port" -U postgres -d portfolio test/*.sql) \
+    if (cd "$WORK" && as_pg pg_prove ${PGPROVE_OPTS:-} -h 127.0.0.1 -p "$port" -U postgres -d portfolio ${CM_PGTAP:-test/*.sql}) \
             2>&1 | tee "$WORK/pgtap.out"; [ "${PIPESTATUS[0]}" = 0 ]; then
         passed=$((passed + 1))
     else

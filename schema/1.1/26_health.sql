@@ -3,6 +3,11 @@
  * remote connection.  It reads the worker's state from shared memory
  * (cm_stats()) and what the worker is doing now from pg_stat_activity,
  * where the cycle names the source and server it is reading.
+ *
+ * It warns when the worker has skipped its turns for longer than
+ * max(30 s, 10 * polling_interval) because another session holds the cycle
+ * lock (a cm_sync_now() in a transaction left open), naming that session
+ * (cm_cycle_lock(), 34_cycle_lock.sql).
  */
 
 CREATE OR REPLACE FUNCTION @extschema@.cm_health(
@@ -17,6 +22,8 @@ DECLARE
     problems text[] := '{}';
     sync     record;
     failing  record;
+    lck      record;
+    skip_limit interval;
 BEGIN
     SELECT * INTO st FROM @extschema@.cm_stats();
     worker_running := st.worker_pid IS NOT NULL;
@@ -37,6 +44,20 @@ BEGIN
             problems := problems || format('the worker has waited %s s for queue-db: %s',
                                            round(extract(epoch FROM waiting.waited)),
                                            substr(waiting.query, length('consistency_manager: reading queue-db ') + 1));
+        END IF;
+        -- a session that keeps the cycle lock: the worker skips every turn
+        skip_limit := greatest(interval '30 s',
+                               10 * coalesce(current_setting('consistency_manager.polling_interval', true)::interval,
+                                             interval '30 s'));
+        SELECT * INTO lck FROM @extschema@.cm_cycle_lock();
+        IF lck.held AND lck.worker_skipping_since < now() - skip_limit THEN
+            problems := problems || format('the worker has skipped its turns for %s s: the cycle lock is held by %s',
+                round(extract(epoch FROM now() - lck.worker_skipping_since)),
+                CASE WHEN lck.holder_pid IS NULL THEN 'a prepared transaction (see pg_prepared_xacts)'
+                     ELSE format('pid %s (%s, transaction open for %s s)', lck.holder_pid,
+                                 coalesce(lck.holder_state, 'unknown state'),
+                                 coalesce(round(extract(epoch FROM now() - lck.holder_xact_start))::text, '?'))
+                END);
         END IF;
         IF st.consecutive_failures > 0 THEN
             problems := problems || format('last %s cycles failed: %s', st.consecutive_failures, st.last_error);

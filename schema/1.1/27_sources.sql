@@ -33,11 +33,12 @@ CREATE FUNCTION @extschema@.cm_sources()
     AS $$
         SELECT s.source_id, format('%I.%I', s.table_schema, s.table_name), s.layout, s.enabled,
                s.watermark, s.last_synced_at, s.newest_read,
-               greatest(now() - s.last_synced_at, interval '0'),
+               -- never an error, whatever the state: no lag for a time that is not finite
+               CASE WHEN isfinite(s.last_synced_at) THEN greatest(now() - s.last_synced_at, interval '0') END,
                (SELECT count(*) FROM cm.dead_letter d WHERE d.source_id = s.source_id),
                s.last_error, s.last_error_at
           FROM cm.source s
          ORDER BY s.source_id
     $$;
 REVOKE ALL ON FUNCTION @extschema@.cm_sources() FROM PUBLIC;
-COMMENT ON FUNCTION @extschema@.cm_sources() IS 'each source with its watermark, the newest change its last read saw, its lag (time since the last cycle that read and applied it; NULL before the first) and, while its reads fail, why and since when; opens no connection to queue-db';
+COMMENT ON FUNCTION @extschema@.cm_sources() IS 'each source with its watermark, the newest change its last read saw, its lag (time since the last cycle that read and applied it; NULL before the first, or when that time is not finite) and, while its reads fail, why and since when; opens no connection to queue-db';

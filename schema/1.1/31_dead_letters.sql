@@ -100,9 +100,10 @@ CREATE FUNCTION @extschema@.cm_cycle_history(max_rows integer DEFAULT 100)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
     AS $$
-        SELECT * FROM cm.cycle_history h ORDER BY h.cycle_id DESC LIMIT max_rows
+        SELECT * FROM cm.cycle_history h ORDER BY h.cycle_id DESC
+         LIMIT CASE WHEN max_rows < 0 THEN 0 ELSE max_rows END
     $$;
-COMMENT ON FUNCTION @extschema@.cm_cycle_history(integer) IS 'the newest rows of cm.cycle_history (cycles that did work or failed); read-only, for pg_monitor';
+COMMENT ON FUNCTION @extschema@.cm_cycle_history(integer) IS 'the newest max_rows rows of cm.cycle_history (cycles that did work or failed; all of them when max_rows is NULL, none when it is negative); read-only, for pg_monitor';
 REVOKE ALL ON FUNCTION @extschema@.cm_cycle_history(integer) FROM PUBLIC;
 
 GRANT EXECUTE ON FUNCTION @extschema@.cm_dead_letters(), @extschema@.cm_cycle_history(integer) TO pg_monitor;
