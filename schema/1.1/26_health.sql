@@ -24,6 +24,8 @@ DECLARE
     failing  record;
     lck      record;
     skip_limit interval;
+    notes    text[] := '{}';
+    win      record;
 BEGIN
     SELECT * INTO st FROM @extschema@.cm_stats();
     worker_running := st.worker_pid IS NOT NULL;
@@ -87,12 +89,35 @@ BEGIN
         problems := problems || 'no enabled source: attach one with cm_attach_queue()'::text;
     END IF;
 
+    -- the read window (34_read_position.sql): warnings, not failures
+    FOR win IN
+        SELECT s.server_name, bool_and(s.horizon_visible) AS visible,
+               min(s.oldest_open_xact) AS oldest,
+               string_agg(s.source_id::text, ', ' ORDER BY s.source_id) AS ids
+          FROM cm.source s
+         WHERE s.enabled AND s.horizon_visible IS NOT NULL
+         GROUP BY s.server_name ORDER BY s.server_name
+    LOOP
+        IF NOT win.visible THEN
+            notes := notes || format('server %s hides the open transactions of other roles: sources %s re-read the fixed consistency_manager.lookback_fallback each cycle (GRANT pg_read_all_stats TO the queue-db role of the user mapping)',
+                                     win.server_name, win.ids);
+        ELSIF win.oldest < now() - interval '5 min' THEN
+            notes := notes || format('a queue-db transaction on server %s open since %s (%s min) holds the read window of sources %s open: every cycle reads again what changed since',
+                                     win.server_name, win.oldest,
+                                     round(extract(epoch FROM now() - win.oldest) / 60), win.ids);
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM cm.dead_letter d WHERE d.reason LIKE 'updated_at is %') THEN
+        notes := notes || format('%s queue rows have no place in the order of updated_at (NULL or infinite): see cm_dead_letters()',
+                                 (SELECT count(*) FROM cm.dead_letter d WHERE d.reason LIKE 'updated_at is %'));
+    END IF;
+
     -- the sync role: superuser (a warning), privileges, user mappings (30_privileges.sql)
     SELECT * INTO sync FROM cm.sync_role_health();
     problems := problems || sync.problems;
 
     healthy := cardinality(problems) = 0;
-    detail := array_to_string(CASE WHEN healthy THEN ARRAY['ok'] ELSE problems END || sync.warnings, '; ');
+    detail := array_to_string(CASE WHEN healthy THEN ARRAY['ok'] ELSE problems END || sync.warnings || notes, '; ');
 END
 $$;
 COMMENT ON FUNCTION @extschema@.cm_health() IS 'whether the worker runs, whether its reads of queue-db succeed, whether the sync role has what the cycle needs, and why not; answers from shared memory and the local catalogs, without connecting to queue-db';

@@ -21,13 +21,29 @@ ALTER TABLE cm.source
 COMMENT ON COLUMN cm.source.last_error IS 'why the last read of this source failed (message, SQLSTATE, DETAIL, HINT) while the other sources synced; NULL once it reads again';
 COMMENT ON COLUMN cm.source.last_error_at IS 'since when this source fails with last_error';
 
+/*
+ * The read position and the horizon of the next read (34_read_position.sql
+ * explains them); cm_sources() shows where the next read starts and why.
+ */
+ALTER TABLE cm.source
+    ADD COLUMN watermark_id bigint,
+    ADD COLUMN read_horizon timestamptz,
+    ADD COLUMN oldest_open_xact timestamptz,
+    ADD COLUMN horizon_visible boolean;
+COMMENT ON COLUMN cm.source.watermark IS 'read position, part one: updated_at of the last row read from queue-db (rows are read in (updated_at, queue_id) order)';
+COMMENT ON COLUMN cm.source.watermark_id IS 'read position, part two: queue_id of the last row read; with watermark, a keyset';
+COMMENT ON COLUMN cm.source.read_horizon IS 'the oldest updated_at a row invisible to the last read can have: the start of the oldest queue-db transaction then open (or the read''s time less lookback_fallback when queue-db hides other sessions); the next read starts no later';
+COMMENT ON COLUMN cm.source.oldest_open_xact IS 'start of the oldest other transaction open in queue-db at the last read (NULL: none, or not visible)';
+COMMENT ON COLUMN cm.source.horizon_visible IS 'whether the last read could see every queue-db session''s transaction start (false: the remote role lacks pg_read_all_stats and the fixed lookback_fallback applies)';
+
 -- new result columns: the 1.0 function is replaced, not altered
 DROP FUNCTION @extschema@.cm_sources();
 CREATE FUNCTION @extschema@.cm_sources()
     RETURNS TABLE (source_id integer, foreign_table text, layout text, enabled boolean,
                    watermark timestamptz, last_synced_at timestamptz,
                    newest_change timestamptz, lag interval, dead_letters bigint,
-                   last_error text, failing_since timestamptz)
+                   last_error text, failing_since timestamptz,
+                   next_read_from timestamptz, read_window text)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
     AS $$
@@ -36,9 +52,21 @@ CREATE FUNCTION @extschema@.cm_sources()
                -- never an error, whatever the state: no lag for a time that is not finite
                CASE WHEN isfinite(s.last_synced_at) THEN greatest(now() - s.last_synced_at, interval '0') END,
                (SELECT count(*) FROM cm.dead_letter d WHERE d.source_id = s.source_id),
-               s.last_error, s.last_error_at
+               s.last_error, s.last_error_at,
+               -- where the next read starts (stage_source in cycle.c), and what set it
+               CASE WHEN s.watermark IS NULL OR NOT isfinite(s.watermark) THEN '-infinity'::timestamptz
+                    ELSE CASE WHEN s.read_horizon IS NULL
+                              THEN s.watermark - coalesce(current_setting('consistency_manager.lookback_fallback', true)::interval,
+                                                          interval '2 min')
+                              ELSE least(s.watermark, s.read_horizon) END
+                         - coalesce(current_setting('consistency_manager.lookback_window', true)::interval, interval '0')
+               END,
+               CASE WHEN s.read_horizon IS NULL THEN 'lookback_fallback (queue-db''s open transactions not read yet)'
+                    WHEN NOT s.horizon_visible THEN 'lookback_fallback (queue-db hides other roles'' sessions: grant pg_read_all_stats)'
+                    WHEN s.oldest_open_xact < s.watermark THEN 'oldest open queue-db transaction'
+                    ELSE 'read position' END
           FROM cm.source s
          ORDER BY s.source_id
     $$;
 REVOKE ALL ON FUNCTION @extschema@.cm_sources() FROM PUBLIC;
-COMMENT ON FUNCTION @extschema@.cm_sources() IS 'each source with its watermark, the newest change its last read saw, its lag (time since the last cycle that read and applied it; NULL before the first, or when that time is not finite) and, while its reads fail, why and since when; opens no connection to queue-db';
+COMMENT ON FUNCTION @extschema@.cm_sources() IS 'each source with its read position (watermark), the newest change its last read saw, its lag (time since the last cycle that read and applied it; NULL before the first, or when that time is not finite), while its reads fail why and since when, and where its next read starts and what set that; opens no connection to queue-db';
