@@ -277,8 +277,8 @@ prepare_fixed_plans(void)
 {
 	Oid			int4arg[1] = {INT4OID};
 	Oid			moveargs[2] = {INT4OID, INT2OID};
-	Oid			finishargs[6] = {INT4OID, TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID,
-		TIMESTAMPTZOID, BOOLOID};
+	Oid			finishargs[8] = {INT4OID, TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID,
+		TIMESTAMPTZOID, BOOLOID, TIMESTAMPTZOID, INTERVALOID};
 	Oid			histargs[15] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
 		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID,
 		INT8OID, INT4OID, TEXTOID};
@@ -292,7 +292,7 @@ prepare_fixed_plans(void)
 	if (deltas_plan == NULL)
 		deltas_plan = prepare_kept(cm_sql_deltas, 0, NULL, 0);
 	if (finish_plan == NULL)
-		finish_plan = prepare_kept(cm_sql_finish_source, 6, finishargs, 0);
+		finish_plan = prepare_kept(cm_sql_finish_source, 8, finishargs, 0);
 	if (clear_plan == NULL)
 		clear_plan = prepare_kept(cm_sql_clear_batch, 0, NULL, 0);
 	if (history_plan == NULL)
@@ -1053,9 +1053,10 @@ report_source_failures(Source *sources, int nsources, bool manual, CmCycleResult
 static void
 finish_source(const Source *src)
 {
-	Datum		values[6];
-	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	Datum		values[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	const ServerProbe *p = src->probe;
+	Interval   *fallback = palloc0(sizeof(Interval));
 
 	values[0] = Int32GetDatum(src->source_id);
 	values[1] = TimestampTzGetDatum(src->newest_read);
@@ -1072,8 +1073,11 @@ finish_source(const Source *src)
 	if (!p->available || !p->visible || !p->has_oldest)
 		nulls[4] = 'n';
 	values[5] = BoolGetDatum(p->visible);
+	values[6] = TimestampTzGetDatum(p->now);
 	if (!p->available)
-		nulls[5] = 'n';
+		nulls[5] = nulls[6] = 'n';
+	fallback->time = (int64) cm_lookback_fallback * INT64CONST(1000);
+	values[7] = IntervalPGetDatum(fallback);
 	run_plan(finish_plan, values, nulls, SPI_OK_UPDATE);
 }
 

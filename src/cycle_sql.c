@@ -569,8 +569,18 @@ const char *cm_sql_deltas =
  * next read, and when it was read (cm_sources() shows them without asking
  * queue-db); clears the source's error.  $1 source_id, $2 and $3 the key of
  * the last row read (NULL when it read none; the position never moves back),
- * $4 the read horizon, $5 the start of queue-db's oldest open transaction,
- * $6 whether queue-db showed every session (NULL when not asked).
+ * $4 the start of queue-db's oldest transaction open at this read's probe
+ * (or its clock less lookback_fallback when it hides other sessions; NULL
+ * when not asked), $5 that oldest start when it was seen, $6 whether queue-db
+ * showed every session, $7 queue-db's clock at the probe.
+ *
+ * The horizon stored is no later than the previous probe's clock and its
+ * oldest open transaction either: the probe reads pg_stat_activity a moment
+ * after the read's snapshot was taken, and a transaction that committed in
+ * between is invisible to the read yet no longer listed as open.  Such a
+ * transaction started either after the previous probe (so no earlier than its
+ * clock) or before it (so it was listed open then).  Without a previous
+ * probe, lookback_fallback stands in for it.
  */
 const char *cm_sql_finish_source =
 	"UPDATE cm.source\n"
@@ -582,7 +592,10 @@ const char *cm_sql_finish_source =
 	"                      ($2, $3::bigint) <= (watermark, coalesce(watermark_id, -9223372036854775808)))\n"
 	"                      THEN watermark_id ELSE $3 END),\n"
 	"       newest_read = greatest(newest_read, $2),\n"
-	"       read_horizon = $4, oldest_open_xact = $5, horizon_visible = $6,\n"
+	"       read_horizon = CASE WHEN $4::timestamptz IS NULL THEN NULL\n"
+	"                           ELSE least($4, oldest_open_xact,\n"
+	"                                      coalesce(probed_at, $7 - $8::interval)) END,\n"
+	"       oldest_open_xact = $5, horizon_visible = $6, probed_at = $7,\n"
 	"       last_synced_at = now(),\n"
 	"       last_error = NULL, last_error_at = NULL\n"
 	" WHERE source_id = $1";

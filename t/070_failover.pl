@@ -9,8 +9,8 @@
 #    cycle (thousands of requests staged and applied, not yet committed,
 #    their WAL already replayed by the standby);
 #  - once the standby is promoted its worker starts on its own, reads from
-#    the replicated watermark (with lookback_window = 0 the first cycle reads
-#    exactly the queue rows at or after it), and every request the replicated
+#    the replicated read position (the first cycle reads exactly the queue
+#    rows after it, or after the replicated horizon), and every request the replicated
 #    ledger does not hold is applied once: cm_stats() on the new primary
 #    counts exactly the creations, completions and compensations the queue
 #    and that ledger imply, and the plain-SQL oracle agrees row by row;
@@ -212,14 +212,21 @@ note(join(', ', map { "$_ $expect{$_}" } sort keys %expect) . ' expected after t
 ok($expect{created} >= 3000 && $expect{compensated} > 0 && $expect{completed_applied} > 0,
 	'the backlog left for the new primary holds thousands of new requests, completions and reversals');
 
-# the first cycle after the promotion reads every queue row at or after
-# its source's watermark (lookback_window = 0), and nothing before it
+# the first cycle after the promotion reads every queue row after its
+# source's replicated read position (the keyset (watermark, watermark_id)),
+# or from the replicated read horizon when that is older (lookback_window =
+# 0), and nothing before
 my $expect_read = 0;
-for (split /,/, $watermarks)
+for ($standby->safe_psql('portfolio',
+	q{SELECT source_id || '|' || layout || '|' ||
+	         CASE WHEN read_horizon IS NOT NULL AND read_horizon <= watermark
+	              THEN format('updated_at >= %L', read_horizon)
+	              ELSE format('(updated_at, queue_id) > (%L::timestamptz, %s)', watermark,
+	                          coalesce(watermark_id, -9223372036854775808)) END
+	    FROM cm.source ORDER BY source_id}) =~ /^.+$/mg)
 {
-	my ($source_id, $wm) = split /=/;
-	my $table = $layout{$source_id} . '_queue';
-	$expect_read += $queue->safe_psql('queue', "SELECT count(*) FROM $table WHERE updated_at >= '$wm'");
+	my ($source_id, $layout, $cond) = split /\|/, $_, 3;
+	$expect_read += $queue->safe_psql('queue', "SELECT count(*) FROM ${layout}_queue WHERE $cond");
 }
 my $last_cycle = $standby->safe_psql('portfolio', 'SELECT coalesce(max(cycle_id), 0) FROM cm.cycle_history');
 
@@ -246,7 +253,7 @@ is($st, join('|', @expect{qw(created updated completed_applied compensated)}, 0,
 is( $standby->safe_psql('portfolio',
 		"SELECT rows_read FROM cm.cycle_history WHERE cycle_id > $last_cycle AND error IS NULL ORDER BY cycle_id LIMIT 1"),
 	$expect_read,
-	"the first cycle after the promotion reads from the replicated watermarks: $expect_read queue rows at or after them");
+	"the first cycle after the promotion reads from the replicated read positions: the $expect_read queue rows after them");
 
 ############################################################################
 # the new primary goes on syncing

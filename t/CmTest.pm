@@ -444,12 +444,11 @@ sub wait_synced
 	my ($node, $qnode, $what) = @_;
 	my $fp = queue_fingerprint($qnode);
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	ok( $node->poll_query_until(
+	return ok( $node->poll_query_until(
 			'portfolio',
 			"SELECT count(*) || ':' || md5(coalesce(string_agg(id::text || '=' || status, ',' ORDER BY id), '')) FROM portfolio_transactions",
 			$fp),
 		"$what: portfolio_transactions reaches queue-db's requests and statuses");
-	return;
 }
 
 =pod

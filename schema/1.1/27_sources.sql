@@ -29,11 +29,13 @@ ALTER TABLE cm.source
     ADD COLUMN watermark_id bigint,
     ADD COLUMN read_horizon timestamptz,
     ADD COLUMN oldest_open_xact timestamptz,
-    ADD COLUMN horizon_visible boolean;
+    ADD COLUMN horizon_visible boolean,
+    ADD COLUMN probed_at timestamptz;
 COMMENT ON COLUMN cm.source.watermark IS 'read position, part one: updated_at of the last row read from queue-db (rows are read in (updated_at, queue_id) order)';
 COMMENT ON COLUMN cm.source.watermark_id IS 'read position, part two: queue_id of the last row read; with watermark, a keyset';
 COMMENT ON COLUMN cm.source.read_horizon IS 'the oldest updated_at a row invisible to the last read can have: the start of the oldest queue-db transaction then open (or the read''s time less lookback_fallback when queue-db hides other sessions); the next read starts no later';
 COMMENT ON COLUMN cm.source.oldest_open_xact IS 'start of the oldest other transaction open in queue-db at the last read (NULL: none, or not visible)';
+COMMENT ON COLUMN cm.source.probed_at IS 'queue-db''s clock when the last read asked its pg_stat_activity (the next read''s horizon is no later: see 34_read_position.sql)';
 COMMENT ON COLUMN cm.source.horizon_visible IS 'whether the last read could see every queue-db session''s transaction start (false: the remote role lacks pg_read_all_stats and the fixed lookback_fallback applies)';
 
 -- new result columns: the 1.0 function is replaced, not altered
