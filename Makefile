@@ -25,7 +25,22 @@ PGFILEDESC = "consistency_manager - portfolio/queue consistency worker"
 # fresh install and an upgraded one run the very same statements.
 DATA = consistency_manager--1.0.sql
 DATA_built = consistency_manager--1.0--1.1.sql consistency_manager--1.1.sql
-EXTRA_CLEAN = $(DATA_built)
+EXTRA_CLEAN = $(DATA_built) tmp_regress/
+
+# Tests of an installed build (make install first), as contrib modules run
+# theirs; both start servers of their own from the installation PG_CONFIG
+# names, so no server needs to run (initdb refuses root: run them as
+# another user):
+#   make installcheck          pg_regress (sql/, expected/) on a temporary
+#                              instance with test/regress.conf and TCP on
+#                              127.0.0.1 (the loopback postgres_fdw server),
+#                              then the TAP tests
+#   make prove_installcheck    the TAP tests (t/*.pl) only;
+#                              PROVE_TESTS='t/001_install.pl' for some
+REGRESS = $(patsubst $(srcdir)/sql/%.sql,%,$(sort $(wildcard $(srcdir)/sql/*.sql)))
+REGRESS_OPTS = --temp-instance=$(CURDIR)/tmp_regress \
+	--temp-config=$(srcdir)/test/regress.conf --host=127.0.0.1
+TAP_TESTS = 1
 
 PG_CPPFLAGS = -I$(srcdir)/src
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter
@@ -33,6 +48,13 @@ PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# the TAP tests' shared module, t/CmTest.pm
+PG_PROVE_FLAGS += -I $(srcdir)/t
+
+.PHONY: prove_installcheck
+prove_installcheck:
+	$(prove_installcheck)
 
 # The generated scripts (after PGXS, which sets srcdir and the default goal).
 consistency_manager--1.0--1.1.sql: $(sort $(wildcard $(srcdir)/schema/1.1/*.sql))

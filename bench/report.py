@@ -3,9 +3,10 @@
 
 Reads the meta file (machine, date, settings) and the raw file (one JSON
 object per figure: key, size, rows, extra, samples in ms), computes median,
-min and max of each figure and the ratios the issue asks for, compares them
-with the targets, and writes <out>/latest.json and <out>/latest.md; prints
-the markdown table on the terminal.
+min and max of each figure and the ratios that matter, compares them
+with the targets set in this file (the target(...) calls below), and
+writes <out>/latest.json and <out>/latest.md; prints the markdown table on
+the terminal.
 """
 
 import argparse

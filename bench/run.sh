@@ -31,7 +31,7 @@
 # Timing is psql's \timing (client round trip of one statement, its commit
 # included unless said otherwise) and /usr/bin/time -v for the Python
 # baseline.  Nothing here asserts on time; bench/report.py compares the
-# figures with the targets of the issue and says which hold.
+# figures with the performance targets it states and says which hold.
 
 source "$(dirname "${BASH_SOURCE[0]}")/../tools/cluster.sh"
 

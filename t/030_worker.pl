@@ -1,6 +1,6 @@
 # Copyright (c) consistency_manager authors
 
-# Protects the background worker (issue 4):
+# Protects the background worker (docs/ARCHITECTURE.md, section 6):
 #  - it starts with the server and syncs what is written to queue-db with
 #    no manual call;
 #  - it shows in pg_stat_activity as backend_type and application_name

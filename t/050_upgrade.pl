@@ -27,6 +27,7 @@ use Test::More;
 my $ACCOUNTS = 20;
 my $REFUSAL = 'consistency_manager schema version 1.0 does not match the loaded library (version 1.1)';
 
+needs_release('1.0', 'the upgrade from the released 1.0');
 my $install = release_install_path('1.0');
 my $node = cm_node('upgrade', preload => 0, install_path => $install,
 	conf => [ "consistency_manager.polling_interval = '200ms'" ]);

@@ -254,11 +254,18 @@ is_deeply([ map { s/:.*//r } violations($altered) ],
   or diag(join("\n", violations($altered)));
 
 # the released install script is the one the release shipped
-my $release = $ENV{CM_RELEASE_1_0_TREE}
-  or BAIL_OUT('CM_RELEASE_1_0_TREE is not set: run the suite with tools/test.sh tap');
-my $script = 'usr/share/postgresql/15/extension/consistency_manager--1.0.sql';
-is(slurp_file("$ENV{CM_PG_TREE}/$script"), slurp_file("$release/$script"),
-	'consistency_manager--1.0.sql is byte for byte the script released with 1.0');
+# (only tools/test.sh builds the release; make prove_installcheck skips this)
+SKIP:
+{
+	my $release = $ENV{CM_RELEASE_1_0_TREE};
+	BAIL_OUT('CM_RELEASE_1_0_TREE is not set although tools/test.sh runs this test')
+	  if !$release && $ENV{CM_PG_TREE};
+	skip 'the released 1.0 is built only by tools/test.sh tap (CM_RELEASE_1_0_TREE)', 1 unless $release;
+	my $script = 'extension/consistency_manager--1.0.sql';
+	is(slurp_file($node->config_data('--sharedir') . "/$script"),
+		slurp_file("$release/usr/share/postgresql/15/$script"),
+		'consistency_manager--1.0.sql is byte for byte the script released with 1.0');
+}
 
 $node->stop;
 done_testing();

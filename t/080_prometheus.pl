@@ -30,8 +30,12 @@ my $ACCOUNTS = 20;
 my $SYNCED = 50;     # valid requests per queue table
 my $ORPHANS = 3;     # requests per queue table for an account that does not exist
 
-BAIL_OUT("$EXPORTER is not installed (Debian package prometheus-postgres-exporter)")
-  unless grep { -x "$_/$EXPORTER" } split /:/, $ENV{PATH};
+unless (grep { -x "$_/$EXPORTER" } split /:/, $ENV{PATH})
+{
+	# tools/test.sh installs it; elsewhere its absence is a reason to skip
+	BAIL_OUT("$EXPORTER is not installed (Debian package prometheus-postgres-exporter)") if $ENV{CM_PG_TREE};
+	plan skip_all => "$EXPORTER is not installed (apt-get install prometheus-postgres-exporter)";
+}
 BAIL_OUT("$QUERIES does not exist") unless -f $QUERIES;
 
 my $queue = cm_node('queue', preload => 0);

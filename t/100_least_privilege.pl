@@ -1,6 +1,6 @@
 # Copyright (c) consistency_manager authors
 
-# Protects least privilege (DESIGN.md section 4, Privileges): the cycle
+# Protects least privilege (docs/ARCHITECTURE.md, 4.9): the cycle
 # writes the application's tables with the rights of a non-superuser sync
 # role, from the worker and from cm_sync_now() alike.
 #  - app_owner, an ordinary role, owns the portfolio tables and has a

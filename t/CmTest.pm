@@ -52,7 +52,8 @@ use strict;
 use warnings;
 
 use Exporter 'import';
-use File::Basename qw(basename);
+use Cwd qw(abs_path);
+use File::Basename qw(basename dirname);
 use IPC::Run;
 use Math::BigInt;
 use PostgreSQL::Test::Cluster;
@@ -65,11 +66,14 @@ our @EXPORT = qw(
   add_requests set_status query_rows query_one
   queue_fingerprint wait_synced check_oracle portfolio_snapshot
   start_async finish_async close_bg stats wait_until
-  restart_with_preload release_install_path upgrade_package
+  restart_with_preload release_install_path upgrade_package needs_release
 );
 
-my $fixtures = $ENV{CM_FIXTURES}
-  or BAIL_OUT('CM_FIXTURES is not set: run the suite with tools/test.sh tap');
+# the fixtures of this checkout (tools/test.sh names its copy in CM_FIXTURES)
+$ENV{CM_FIXTURES} //= abs_path(dirname(__FILE__) . '/../test/fixtures') // 'test/fixtures';
+my $fixtures = $ENV{CM_FIXTURES};
+BAIL_OUT("no fixtures in $fixtures (test/fixtures of the checkout, or CM_FIXTURES)")
+  unless -f "$fixtures/queue_db.sql";
 
 # The queue tables and the transaction type each one carries.
 my @QUEUES = (
@@ -358,6 +362,27 @@ sub _tree_dirs
 {
 	my ($root) = @_;
 	return ("$root/usr/lib/postgresql/15/lib", "$root/usr/share/postgresql/15/extension");
+}
+
+=pod
+
+=item needs_release(version, what)
+
+Skip the whole test file unless tools/test.sh built the released version
+into a tree of its own (a test run by make prove_installcheck has none);
+under tools/test.sh, which always builds it, its absence is an error.
+
+=cut
+
+sub needs_release
+{
+	my ($version, $what) = @_;
+	my $var = $RELEASE_TREE{$version} or die "no released tree for version $version";
+	return if $ENV{$var};
+	BAIL_OUT("$var is not set although tools/test.sh runs this test") if $ENV{CM_PG_TREE};
+	plan skip_all => "$what needs release $version built into a PostgreSQL tree of its own ($var),"
+	  . ' which only tools/test.sh tap prepares: run bash tools/test.sh tap';
+	return;
 }
 
 sub release_install_path

@@ -1,6 +1,6 @@
 -- 01_objects.sql -- the objects the install script creates, and who may use them.
 --
--- DESIGN.md section 6 and CONVENTIONS.md (SQL): internal state in schema cm,
+-- docs/ARCHITECTURE.md, section 8: internal state in schema cm,
 -- the cm_* functions in the extension's schema (public here), nothing
 -- executable by or granted to PUBLIC, SECURITY DEFINER functions pin
 -- search_path.  A role created in this transaction stands for "anyone": it

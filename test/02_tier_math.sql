@@ -1,4 +1,4 @@
--- 02_tier_math.sql -- the tier-delta contract (DESIGN.md section 3).
+-- 02_tier_math.sql -- the tier-delta contract (docs/ARCHITECTURE.md, section 5).
 --
 --   delta_n = (market_n - pool_n) / pool_n, 0 when pool_n is 0
 --   investment: value * (1 + delta); withdrawal: allocation * (1 - delta),

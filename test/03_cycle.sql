@@ -1,4 +1,4 @@
--- 03_cycle.sql -- the sync cycle over the split layout (DESIGN.md section 2).
+-- 03_cycle.sql -- the sync cycle over the split layout (docs/ARCHITECTURE.md, section 3).
 --
 -- Queue rows are written through the foreign tables: postgres_fdw keeps one
 -- remote transaction per local one, so cm_sync_now() sees them and the

@@ -1,4 +1,4 @@
--- 04_unified.sql -- the sync cycle over the unified layout (DESIGN.md section 1):
+-- 04_unified.sql -- the sync cycle over the unified layout (docs/ARCHITECTURE.md, section 1):
 -- one table, accountid instead of account_number, and a transaction_type
 -- column (INVEST / WITHDRAW) that decides the sign and the tier math.
 --

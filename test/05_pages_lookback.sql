@@ -1,5 +1,5 @@
 -- 05_pages_lookback.sql -- reading a source in keyset pages, and the
--- look-back window (DESIGN.md section 2, steps 1 and 3).
+-- look-back window (docs/ARCHITECTURE.md, 4.3 to 4.5).
 --
 -- Pages: 20 rows read 3 at a time, with updated_at ties that straddle page
 -- boundaries and queue_ids that run against the updated_at order, so only a

@@ -1,4 +1,4 @@
--- 06_bad_input.sql -- rows that cannot be applied (DESIGN.md section 2, step 2).
+-- 06_bad_input.sql -- rows that cannot be applied (docs/ARCHITECTURE.md, 4.6).
 --
 -- Each class of bad row goes to cm.dead_letter with a reason while the good
 -- rows of the same batch are applied; dead letters are retried every cycle

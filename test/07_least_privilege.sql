@@ -1,5 +1,5 @@
 -- 07_least_privilege.sql -- the cycle runs as the sync role, never as the
--- superuser who calls cm_sync_now() (DESIGN.md section 4, Privileges).
+-- superuser who calls cm_sync_now() (docs/ARCHITECTURE.md, 4.9).
 --
 -- The application's tables belong to cm_t_app, an ordinary role, so it is
 -- the sync role (consistency_manager.role is not set here).  A trigger on
