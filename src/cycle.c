@@ -58,6 +58,7 @@ typedef struct StagePlan
 	Oid			relid;
 	SPIPlanPtr	plan;
 	SPIPlanPtr	unplaceable;	/* rows with a NULL or infinite updated_at */
+	SPIPlanPtr	dead_letters;	/* current rows of the dead letters */
 } StagePlan;
 
 /* One enabled source, as read at the start of a cycle. */
@@ -73,6 +74,7 @@ typedef struct Source
 	TimestampTz watermark;
 	Oid			relid;
 	int64		staged[2];		/* rows staged: [0] dead letters, [1] read */
+	int64		closed;			/* dead letters closed: queue row deleted */
 	bool		has_newest_read;
 	TimestampTz newest_read;	/* read position after this cycle: updated_at */
 	int64		newest_read_id; /* ... and queue_id of the last row read */
@@ -160,7 +162,6 @@ static SPIPlanPtr deltas_plan = NULL;
 static SPIPlanPtr finish_plan = NULL;
 static SPIPlanPtr clear_plan = NULL;
 static SPIPlanPtr history_plan = NULL;
-static SPIPlanPtr stage_dl_plan = NULL;
 static SPIPlanPtr source_failed_plan = NULL;
 static SPIPlanPtr stage_tids_plan = NULL;
 static SPIPlanPtr copy_stage_plan = NULL;
@@ -275,7 +276,6 @@ run_plan(SPIPlanPtr plan, Datum *values, const char *nulls, int expected)
 static void
 prepare_fixed_plans(void)
 {
-	Oid			int4arg[1] = {INT4OID};
 	Oid			moveargs[2] = {INT4OID, INT2OID};
 	Oid			finishargs[6] = {INT4OID, TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID,
 		TIMESTAMPTZOID, BOOLOID};
@@ -307,8 +307,6 @@ prepare_fixed_plans(void)
 		dl_staged_plan = prepare_kept(cm_sql_dead_letter_staged, 2, dlargs, 0);
 	if (batch_accounts_plan == NULL)
 		batch_accounts_plan = prepare_kept(cm_sql_batch_accounts, 0, NULL, 0);
-	if (stage_dl_plan == NULL)
-		stage_dl_plan = prepare_kept(cm_sql_stage_dead_letters, 1, int4arg, 0);
 	if (move_plan == NULL)
 		move_plan = prepare_kept(cm_sql_move_stage, 2, moveargs, 0);
 	if (clear_stage_plan == NULL)
@@ -380,15 +378,19 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 
 /*
  * get_stage_plan
- *		The page-staging statement of one source.
+ *		The page-staging statement of one source; *unplaceable is set to the
+ *		one that stages its rows with no place in the order of updated_at,
+ *		*dead_letters to the one that stages the current rows of its dead
+ *		letters.
  *
  * Split-layout tables carry the transaction type in their name; the
  * unified table has a transaction_type column.
  */
 static SPIPlanPtr
-get_stage_plan(const Source *src, SPIPlanPtr *unplaceable)
+get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_letters)
 {
 	Oid			argtypes[5] = {INT4OID, TIMESTAMPTZOID, INT8OID, INT8OID, TIMESTAMPTZOID};
+	Oid			dlargtypes[3] = {INT4OID, INT8OID, INT8OID};
 	const char *type_expr;
 	char	   *sql;
 	StagePlan  *sp = NULL;
@@ -405,6 +407,7 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable)
 	if (sp != NULL && sp->relid == src->relid)
 	{
 		*unplaceable = sp->unplaceable;
+		*dead_letters = sp->dead_letters;
 		return sp->plan;
 	}
 
@@ -423,13 +426,16 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable)
 		sp->source_id = src->source_id;
 		sp->plan = NULL;
 		sp->unplaceable = NULL;
+		sp->dead_letters = NULL;
 	}
 	else if (sp->plan != NULL)
 	{
 		SPI_freeplan(sp->plan);
 		SPI_freeplan(sp->unplaceable);
+		SPI_freeplan(sp->dead_letters);
 		sp->plan = NULL;
 		sp->unplaceable = NULL;
+		sp->dead_letters = NULL;
 	}
 
 	if (strcmp(src->layout, "investment") == 0)
@@ -451,8 +457,14 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable)
 															quote_identifier(src->account_column),
 															type_expr),
 								   5, argtypes, 0);
+	sp->dead_letters = prepare_kept(cm_sql_stage_dead_letters(quote_qualified_identifier(src->table_schema,
+																						 src->table_name),
+															  quote_identifier(src->account_column),
+															  type_expr),
+									3, dlargtypes, 0);
 	sp->relid = src->relid;
 	*unplaceable = sp->unplaceable;
+	*dead_letters = sp->dead_letters;
 	return sp->plan;
 }
 
@@ -772,10 +784,50 @@ probe_server(Source *src)
 }
 
 /*
+ * stage_dead_letters
+ *		Pass 0 of a source: stage the current queue-db rows of its dead
+ *		letters, a page of batch_size queue_ids per remote query, and close
+ *		the dead letters whose queue row is gone (cm_sql_stage_dead_letters).
+ *		The stored copy of a dead letter is never applied: a request deleted
+ *		in queue-db is not applied once its cause is fixed, and one changed
+ *		there is retried in its new version.
+ */
+static void
+stage_dead_letters(Source *src, SPIPlanPtr plan)
+{
+	Datum		values[3];
+	int64		last_id = PG_INT64_MIN;
+
+	values[0] = Int32GetDatum(src->source_id);
+	values[2] = Int64GetDatum((int64) cm_batch_size);
+	for (;;)
+	{
+		HeapTuple	tup;
+		TupleDesc	desc;
+		bool		isnull;
+		int64		n;
+
+		values[1] = Int64GetDatum(last_id);
+		run_plan(plan, values, NULL, SPI_OK_SELECT);
+		tup = SPI_tuptable->vals[0];
+		desc = SPI_tuptable->tupdesc;
+		n = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		if (n > 0)
+			last_id = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+		src->staged[0] += DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+		src->closed += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+		SPI_freetuptable(SPI_tuptable);
+		if (n < cm_batch_size)
+			break;
+	}
+}
+
+/*
  * stage_source
- *		Read one source into cm.stage: its dead letters (pass 0), then the
- *		rows changed in queue-db since (watermark - lookback_window) in
- *		keyset pages (pass 1).  Takes no lock in portfolio-db.
+ *		Read one source into cm.stage: the current rows of its dead letters
+ *		(pass 0), then the rows changed in queue-db since (watermark -
+ *		lookback_window) in keyset pages (pass 1).  Takes no lock in
+ *		portfolio-db.
  *
  * Sets src->staged[pass] to the number of rows staged in each pass.
  */
@@ -784,6 +836,7 @@ stage_source(Source *src, CmCycleResult *result)
 {
 	SPIPlanPtr	stage;
 	SPIPlanPtr	unplaceable;
+	SPIPlanPtr	dead_letters;
 	Datum		values[5];
 	TimestampTz from;
 	TimestampTz upper;
@@ -800,14 +853,8 @@ stage_source(Source *src, CmCycleResult *result)
 						 "UPDATE cm.source SET enabled = false WHERE source_id = %d.",
 						 src->source_id)));
 
-	/* Dead letters first: a newer version of the same row read below wins. */
-	values[0] = Int32GetDatum(src->source_id);
-	set_step("consistency_manager: retrying dead letters");
-	run_plan(stage_dl_plan, values, NULL, SPI_OK_INSERT);
-	src->staged[0] = (int64) SPI_processed;
-
 	/*
-	 * Then the keyset pages of changed rows, from the read position or, when
+	 * The keyset pages of changed rows start from the read position or, when
 	 * older, from the horizon the last read recorded: the start of queue-db's
 	 * oldest transaction open then, under which a row it could not see may
 	 * have been stamped.  lookback_window widens it by a margin.
@@ -866,7 +913,7 @@ stage_source(Source *src, CmCycleResult *result)
 	(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 
-	stage = get_stage_plan(src, &unplaceable);
+	stage = get_stage_plan(src, &unplaceable, &dead_letters);
 
 	/*
 	 * The phase names the source and its server: cm_health() reads it from
@@ -874,6 +921,15 @@ stage_source(Source *src, CmCycleResult *result)
 	 */
 	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s)",
 							 src->source_id, src->server_name));
+
+	/*
+	 * Dead letters first, after the probe (which takes the remote
+	 * snapshot): the keyset pages below skip every row waiting as a dead
+	 * letter, whose current version this pass staged.
+	 */
+	values[0] = Int32GetDatum(src->source_id);
+	stage_dead_letters(src, dead_letters);
+
 	for (;;)
 	{
 		HeapTuple	tup;
@@ -985,6 +1041,7 @@ stage_source_alone(Source *src, CmCycleResult *result)
 			ReThrowError(edata);
 		src->error = edata;
 		src->staged[0] = src->staged[1] = 0;
+		src->closed = 0;
 		src->has_newest_read = false;
 		result->rows_read = rows_read;
 	}
@@ -1629,6 +1686,15 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	apply_with_retry(sources, nsources, deltas, result);
 	new_failure = report_source_failures(sources, nsources,
 										 strcmp(trigger, "manual") == 0, result);
+	for (i = 0; i < nsources; i++)
+	{
+		if (sources[i].error == NULL && sources[i].closed > 0)
+			ereport(LOG,
+					(errmsg("consistency_manager closed %lld dead letters of source %d (%s): their queue rows were deleted in queue-db",
+							(long long) sources[i].closed, sources[i].source_id,
+							quote_qualified_identifier(sources[i].table_schema, sources[i].table_name)),
+					 errdetail("They are recorded in cm.discarded with the discard reason \"queue row deleted in queue-db\" and were not applied.")));
+	}
 
 	/*
 	 * Empty the scratch tables only when something was staged: a TRUNCATE
