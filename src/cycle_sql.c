@@ -401,9 +401,17 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         reason = excluded.reason, last_seen = now(),"
 		"         attempts = d.attempts + (d.last_seen < now())::int"
 		"),"
+		/*
+		 * The rows that apply leave the dead letters: looked up by primary
+		 * key from an array, never joined with f, so that no estimate (the
+		 * statistics of cm.dead_letter say little of a source that has just
+		 * been dead-lettered en masse) can make it a nested loop that scans
+		 * f once per dead letter.
+		 */
 		" undl AS ("
-		"  DELETE FROM cm.dead_letter d USING f"
-		"   WHERE d.source_id = $1 AND d.queue_id = f.queue_id AND f.why IS NULL"
+		"  DELETE FROM cm.dead_letter d"
+		"   WHERE d.source_id = $1"
+		"     AND d.queue_id = ANY (ARRAY(SELECT f.queue_id FROM f WHERE f.why IS NULL))"
 		"     AND EXISTS (SELECT 1 FROM cm.dead_letter e WHERE e.source_id = $1)"
 		"),"
 		" tx AS ("
