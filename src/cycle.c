@@ -1003,20 +1003,22 @@ source_error_is_its_own(const ErrorData *e)
 }
 
 /*
- * stage_source_alone
- *		stage_source in a subtransaction of its own: when the read of this
- *		source fails for a reason of its own (source_error_is_its_own),
- *		what it staged is rolled back, the error is kept in src->error and
- *		the cycle goes on with the other sources.  postgres_fdw rolls the
- *		remote side back to the matching savepoint, or drops a broken
- *		connection at the end of the transaction.
+ * try_stage_source
+ *		stage_source in a subtransaction of its own.  Returns NULL when it
+ *		succeeded, or the error when the read of this source failed for a
+ *		reason of its own (source_error_is_its_own): what it staged is then
+ *		rolled back and the cycle goes on with the other sources.
+ *		postgres_fdw rolls the remote side back to the matching savepoint,
+ *		or drops a broken connection at the end of the transaction.  Any
+ *		other error propagates.
  */
-static void
-stage_source_alone(Source *src, CmCycleResult *result)
+static ErrorData *
+try_stage_source(Source *src, CmCycleResult *result)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
 	int64		rows_read = result->rows_read;
+	ErrorData  *volatile failure = NULL;
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
@@ -1039,13 +1041,144 @@ stage_source_alone(Source *src, CmCycleResult *result)
 		CurrentResourceOwner = oldowner;
 		if (!source_error_is_its_own(edata))
 			ReThrowError(edata);
-		src->error = edata;
+		failure = edata;
 		src->staged[0] = src->staged[1] = 0;
 		src->closed = 0;
 		src->has_newest_read = false;
 		result->rows_read = rows_read;
 	}
 	PG_END_TRY();
+	return failure;
+}
+
+/*
+ * type_drift_suspect
+ *		Whether a source's read failed in a way a column type changed in
+ *		queue-db causes: a value that does not fit the foreign table's type
+ *		(a data exception, class 22, raised while the row is converted), or
+ *		a condition sent to queue-db that no longer matches its type (42804,
+ *		42846, 42883) -- and whether it is new for that source: a source
+ *		failing the same way cycle after cycle was checked when it started.
+ */
+static bool
+type_drift_suspect(const Source *src, const ErrorData *e)
+{
+	ErrorData	key = *e;
+	char	   *text;
+	size_t		len;
+
+	if (ERRCODE_TO_CATEGORY(e->sqlerrcode) != ERRCODE_DATA_EXCEPTION &&
+		e->sqlerrcode != ERRCODE_DATATYPE_MISMATCH &&
+		e->sqlerrcode != ERRCODE_CANNOT_COERCE &&
+		e->sqlerrcode != ERRCODE_UNDEFINED_FUNCTION)
+		return false;
+	if (src->last_error == NULL)
+		return true;
+	/* the same error as last time, whatever HINT the check added to it */
+	key.hint = NULL;
+	text = cm_error_text(&key);
+	len = strlen(text);
+	return !(strncmp(src->last_error, text, len) == 0 &&
+			 (src->last_error[len] == '\0' || strncmp(src->last_error + len, " HINT: ", 7) == 0));
+}
+
+/*
+ * reimport_source
+ *		Compare the foreign table of a source with its queue table in
+ *		queue-db, and give it the column types queue-db has now
+ *		(cm.reimport_source, with the rights of the extension's owner), in
+ *		a subtransaction.  Returns the columns changed ("tier_1
+ *		numeric(20,8) -> numeric(30,10)", comma-separated), or NULL when
+ *		none was.  When the check itself fails (a new type the cycle cannot
+ *		use, no user mapping for the owner), the read's error *e gets a
+ *		HINT that says why and what to run.
+ */
+static char *
+reimport_source(Source *src, ErrorData **e)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	char	   *volatile changed = NULL;
+	Datum		arg[1];
+	Oid			argtype[1] = {INT4OID};
+
+	arg[0] = Int32GetDatum(src->source_id);
+	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s): comparing column types",
+					  src->source_id, src->server_name));
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		bool		isnull;
+		Datum		columns;
+
+		if (SPI_execute_with_args("SELECT pg_catalog.array_to_string(cm.reimport_source($1), ', ')",
+								  1, argtype, arg, NULL, false, 1) != SPI_OK_SELECT ||
+			SPI_processed != 1)
+			elog(ERROR, "could not compare the column types of source %d", src->source_id);
+		columns = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		MemoryContextSwitchTo(oldcxt);
+		if (!isnull && VARSIZE_ANY_EXHDR(DatumGetPointer(columns)) > 0)
+			changed = TextDatumGetCString(columns);
+		SPI_freetuptable(SPI_tuptable);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		if (!source_error_is_its_own(edata))
+			ReThrowError(edata);
+		(*e)->hint = psprintf("The cycle compared foreign table %s with queue-db to follow a changed column type, and could not: %s (SQLSTATE %s).  %s",
+							  quote_qualified_identifier(src->table_schema, src->table_name),
+							  edata->message, unpack_sql_state(edata->sqlerrcode),
+							  edata->hint ? edata->hint :
+							  psprintf("Correct that, then run SELECT cm.reimport_source(%d) as the extension's owner "
+									   "(or drop the foreign table and run cm_attach_queue() again).",
+									   src->source_id));
+	}
+	PG_END_TRY();
+	return changed;
+}
+
+/*
+ * stage_source_alone
+ *		Read one source (try_stage_source); the cycle goes on with the other
+ *		sources when it fails, and src->error keeps why.
+ *
+ * A read that fails on a column type changed in queue-db (a widened
+ * tier_1 whose new values overflow the foreign table's numeric(20,8)) is
+ * followed: the foreign table gets queue-db's types (reimport_source), the
+ * server log says which columns changed, and the source is read again,
+ * once, in this same cycle.
+ */
+static void
+stage_source_alone(Source *src, CmCycleResult *result)
+{
+	ErrorData  *e = try_stage_source(src, result);
+	char	   *changed;
+
+	if (e != NULL && type_drift_suspect(src, e) &&
+		(changed = reimport_source(src, &e)) != NULL)
+	{
+		ereport(WARNING,
+				(errmsg("consistency_manager re-imported the foreign table of source %d (%s, server %s): queue-db changed column types",
+						src->source_id, quote_qualified_identifier(src->table_schema, src->table_name),
+						src->server_name),
+				 errdetail("Changed: %s.  The read had failed with: %s",
+						   changed, cm_error_text(e)),
+				 errhint("The source is read again in this cycle; cm_health() reports the change for a day.")));
+		e = try_stage_source(src, result);
+	}
+	src->error = e;
 }
 
 /*

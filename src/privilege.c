@@ -123,7 +123,7 @@ static const struct
 static const char *const cm_source_update_columns[] = {"watermark", "watermark_id", "newest_read",
 	"last_synced_at", "read_horizon", "oldest_open_xact", "horizon_visible", "last_error", "last_error_at"};
 
-/* The functions of schema cm the cycle's statements call. */
+/* The functions of schema cm the cycle calls. */
 static const struct
 {
 	const char *name;
@@ -138,6 +138,8 @@ static const struct
 	{"factor_mul", 2, {NUMERICOID, NUMERICOID}},
 	{"factor_pow", 2, {NUMERICOID, INT8OID}},
 	{"product", 1, {NUMERICOID}},
+	/* a column type changed in queue-db: the cycle re-imports it (cycle.c) */
+	{"reimport_source", 1, {INT4OID}},
 };
 
 /*
