@@ -146,7 +146,8 @@ cm_sql_stage_unplaceable(const char *foreign_table, const char *account_column,
  * is recorded in cm.discarded, by the sync role, with the discard reason
  * 'queue row deleted in queue-db'.  Returns the number of dead letters in
  * the page, the last queue_id of the page, the number staged and the
- * number closed.
+ * number closed.  A source without dead letters costs no remote query (the
+ * EXISTS is a one-time filter above the foreign scan).
  */
 char *
 cm_sql_stage_dead_letters(const char *foreign_table, const char *account_column,
@@ -161,7 +162,9 @@ cm_sql_stage_dead_letters(const char *foreign_table, const char *account_column,
 		"  SELECT q.queue_id, q.uuid, q.%s AS accountid, %s AS transaction_type,"
 		"         q.tier_1, q.tier_2, q.tier_3, q.status, q.created_at, q.updated_at"
 		"    FROM %s q"
-		"   WHERE q.queue_id = ANY ((SELECT array_agg(w.queue_id) FROM wanted w)::bigint[])),"
+		"   WHERE q.queue_id = ANY ((SELECT array_agg(w.queue_id) FROM wanted w)::bigint[])"
+		/* a source without dead letters sends nothing to queue-db */
+		"     AND EXISTS (SELECT 1 FROM wanted)),"
 		" ins AS ("
 		"  INSERT INTO cm.stage (source_id, pass, queue_id, uuid, accountid, transaction_type,"
 		"                        tier_1, tier_2, tier_3, status, created_at, updated_at)"
