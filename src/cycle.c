@@ -58,6 +58,7 @@ typedef struct StagePlan
 	Oid			relid;
 	SPIPlanPtr	plan;
 	SPIPlanPtr	unplaceable;	/* rows with a NULL or infinite updated_at */
+	SPIPlanPtr	dead_letters;	/* current rows of the dead letters */
 } StagePlan;
 
 /* One enabled source, as read at the start of a cycle. */
@@ -73,6 +74,7 @@ typedef struct Source
 	TimestampTz watermark;
 	Oid			relid;
 	int64		staged[2];		/* rows staged: [0] dead letters, [1] read */
+	int64		closed;			/* dead letters closed: queue row deleted */
 	bool		has_newest_read;
 	TimestampTz newest_read;	/* read position after this cycle: updated_at */
 	int64		newest_read_id; /* ... and queue_id of the last row read */
@@ -160,7 +162,6 @@ static SPIPlanPtr deltas_plan = NULL;
 static SPIPlanPtr finish_plan = NULL;
 static SPIPlanPtr clear_plan = NULL;
 static SPIPlanPtr history_plan = NULL;
-static SPIPlanPtr stage_dl_plan = NULL;
 static SPIPlanPtr source_failed_plan = NULL;
 static SPIPlanPtr stage_tids_plan = NULL;
 static SPIPlanPtr copy_stage_plan = NULL;
@@ -275,7 +276,6 @@ run_plan(SPIPlanPtr plan, Datum *values, const char *nulls, int expected)
 static void
 prepare_fixed_plans(void)
 {
-	Oid			int4arg[1] = {INT4OID};
 	Oid			moveargs[2] = {INT4OID, INT2OID};
 	Oid			finishargs[8] = {INT4OID, TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID,
 		TIMESTAMPTZOID, BOOLOID, TIMESTAMPTZOID, INTERVALOID};
@@ -307,8 +307,6 @@ prepare_fixed_plans(void)
 		dl_staged_plan = prepare_kept(cm_sql_dead_letter_staged, 2, dlargs, 0);
 	if (batch_accounts_plan == NULL)
 		batch_accounts_plan = prepare_kept(cm_sql_batch_accounts, 0, NULL, 0);
-	if (stage_dl_plan == NULL)
-		stage_dl_plan = prepare_kept(cm_sql_stage_dead_letters, 1, int4arg, 0);
 	if (move_plan == NULL)
 		move_plan = prepare_kept(cm_sql_move_stage, 2, moveargs, 0);
 	if (clear_stage_plan == NULL)
@@ -380,15 +378,19 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 
 /*
  * get_stage_plan
- *		The page-staging statement of one source.
+ *		The page-staging statement of one source; *unplaceable is set to the
+ *		one that stages its rows with no place in the order of updated_at,
+ *		*dead_letters to the one that stages the current rows of its dead
+ *		letters.
  *
  * Split-layout tables carry the transaction type in their name; the
  * unified table has a transaction_type column.
  */
 static SPIPlanPtr
-get_stage_plan(const Source *src, SPIPlanPtr *unplaceable)
+get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_letters)
 {
 	Oid			argtypes[5] = {INT4OID, TIMESTAMPTZOID, INT8OID, INT8OID, TIMESTAMPTZOID};
+	Oid			dlargtypes[3] = {INT4OID, INT8OID, INT8OID};
 	const char *type_expr;
 	char	   *sql;
 	StagePlan  *sp = NULL;
@@ -405,6 +407,7 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable)
 	if (sp != NULL && sp->relid == src->relid)
 	{
 		*unplaceable = sp->unplaceable;
+		*dead_letters = sp->dead_letters;
 		return sp->plan;
 	}
 
@@ -423,13 +426,16 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable)
 		sp->source_id = src->source_id;
 		sp->plan = NULL;
 		sp->unplaceable = NULL;
+		sp->dead_letters = NULL;
 	}
 	else if (sp->plan != NULL)
 	{
 		SPI_freeplan(sp->plan);
 		SPI_freeplan(sp->unplaceable);
+		SPI_freeplan(sp->dead_letters);
 		sp->plan = NULL;
 		sp->unplaceable = NULL;
+		sp->dead_letters = NULL;
 	}
 
 	if (strcmp(src->layout, "investment") == 0)
@@ -451,8 +457,14 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable)
 															quote_identifier(src->account_column),
 															type_expr),
 								   5, argtypes, 0);
+	sp->dead_letters = prepare_kept(cm_sql_stage_dead_letters(quote_qualified_identifier(src->table_schema,
+																						 src->table_name),
+															  quote_identifier(src->account_column),
+															  type_expr),
+									3, dlargtypes, 0);
 	sp->relid = src->relid;
 	*unplaceable = sp->unplaceable;
+	*dead_letters = sp->dead_letters;
 	return sp->plan;
 }
 
@@ -772,10 +784,50 @@ probe_server(Source *src)
 }
 
 /*
+ * stage_dead_letters
+ *		Pass 0 of a source: stage the current queue-db rows of its dead
+ *		letters, a page of batch_size queue_ids per remote query, and close
+ *		the dead letters whose queue row is gone (cm_sql_stage_dead_letters).
+ *		The stored copy of a dead letter is never applied: a request deleted
+ *		in queue-db is not applied once its cause is fixed, and one changed
+ *		there is retried in its new version.
+ */
+static void
+stage_dead_letters(Source *src, SPIPlanPtr plan)
+{
+	Datum		values[3];
+	int64		last_id = PG_INT64_MIN;
+
+	values[0] = Int32GetDatum(src->source_id);
+	values[2] = Int64GetDatum((int64) cm_batch_size);
+	for (;;)
+	{
+		HeapTuple	tup;
+		TupleDesc	desc;
+		bool		isnull;
+		int64		n;
+
+		values[1] = Int64GetDatum(last_id);
+		run_plan(plan, values, NULL, SPI_OK_SELECT);
+		tup = SPI_tuptable->vals[0];
+		desc = SPI_tuptable->tupdesc;
+		n = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		if (n > 0)
+			last_id = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+		src->staged[0] += DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+		src->closed += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+		SPI_freetuptable(SPI_tuptable);
+		if (n < cm_batch_size)
+			break;
+	}
+}
+
+/*
  * stage_source
- *		Read one source into cm.stage: its dead letters (pass 0), then the
- *		rows changed in queue-db since (watermark - lookback_window) in
- *		keyset pages (pass 1).  Takes no lock in portfolio-db.
+ *		Read one source into cm.stage: the current rows of its dead letters
+ *		(pass 0), then the rows changed in queue-db since (watermark -
+ *		lookback_window) in keyset pages (pass 1).  Takes no lock in
+ *		portfolio-db.
  *
  * Sets src->staged[pass] to the number of rows staged in each pass.
  */
@@ -784,6 +836,7 @@ stage_source(Source *src, CmCycleResult *result)
 {
 	SPIPlanPtr	stage;
 	SPIPlanPtr	unplaceable;
+	SPIPlanPtr	dead_letters;
 	Datum		values[5];
 	TimestampTz from;
 	TimestampTz upper;
@@ -800,14 +853,8 @@ stage_source(Source *src, CmCycleResult *result)
 						 "UPDATE cm.source SET enabled = false WHERE source_id = %d.",
 						 src->source_id)));
 
-	/* Dead letters first: a newer version of the same row read below wins. */
-	values[0] = Int32GetDatum(src->source_id);
-	set_step("consistency_manager: retrying dead letters");
-	run_plan(stage_dl_plan, values, NULL, SPI_OK_INSERT);
-	src->staged[0] = (int64) SPI_processed;
-
 	/*
-	 * Then the keyset pages of changed rows, from the read position or, when
+	 * The keyset pages of changed rows start from the read position or, when
 	 * older, from the horizon the last read recorded: the start of queue-db's
 	 * oldest transaction open then, under which a row it could not see may
 	 * have been stamped.  lookback_window widens it by a margin.
@@ -866,7 +913,7 @@ stage_source(Source *src, CmCycleResult *result)
 	(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 
-	stage = get_stage_plan(src, &unplaceable);
+	stage = get_stage_plan(src, &unplaceable, &dead_letters);
 
 	/*
 	 * The phase names the source and its server: cm_health() reads it from
@@ -874,6 +921,15 @@ stage_source(Source *src, CmCycleResult *result)
 	 */
 	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s)",
 							 src->source_id, src->server_name));
+
+	/*
+	 * Dead letters first, after the probe (which takes the remote
+	 * snapshot): the keyset pages below skip every row waiting as a dead
+	 * letter, whose current version this pass staged.
+	 */
+	values[0] = Int32GetDatum(src->source_id);
+	stage_dead_letters(src, dead_letters);
+
 	for (;;)
 	{
 		HeapTuple	tup;
@@ -947,20 +1003,22 @@ source_error_is_its_own(const ErrorData *e)
 }
 
 /*
- * stage_source_alone
- *		stage_source in a subtransaction of its own: when the read of this
- *		source fails for a reason of its own (source_error_is_its_own),
- *		what it staged is rolled back, the error is kept in src->error and
- *		the cycle goes on with the other sources.  postgres_fdw rolls the
- *		remote side back to the matching savepoint, or drops a broken
- *		connection at the end of the transaction.
+ * try_stage_source
+ *		stage_source in a subtransaction of its own.  Returns NULL when it
+ *		succeeded, or the error when the read of this source failed for a
+ *		reason of its own (source_error_is_its_own): what it staged is then
+ *		rolled back and the cycle goes on with the other sources.
+ *		postgres_fdw rolls the remote side back to the matching savepoint,
+ *		or drops a broken connection at the end of the transaction.  Any
+ *		other error propagates.
  */
-static void
-stage_source_alone(Source *src, CmCycleResult *result)
+static ErrorData *
+try_stage_source(Source *src, CmCycleResult *result)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
 	int64		rows_read = result->rows_read;
+	ErrorData  *volatile failure = NULL;
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
@@ -983,12 +1041,144 @@ stage_source_alone(Source *src, CmCycleResult *result)
 		CurrentResourceOwner = oldowner;
 		if (!source_error_is_its_own(edata))
 			ReThrowError(edata);
-		src->error = edata;
+		failure = edata;
 		src->staged[0] = src->staged[1] = 0;
+		src->closed = 0;
 		src->has_newest_read = false;
 		result->rows_read = rows_read;
 	}
 	PG_END_TRY();
+	return failure;
+}
+
+/*
+ * type_drift_suspect
+ *		Whether a source's read failed in a way a column type changed in
+ *		queue-db causes: a value that does not fit the foreign table's type
+ *		(a data exception, class 22, raised while the row is converted), or
+ *		a condition sent to queue-db that no longer matches its type (42804,
+ *		42846, 42883) -- and whether it is new for that source: a source
+ *		failing the same way cycle after cycle was checked when it started.
+ */
+static bool
+type_drift_suspect(const Source *src, const ErrorData *e)
+{
+	ErrorData	key = *e;
+	char	   *text;
+	size_t		len;
+
+	if (ERRCODE_TO_CATEGORY(e->sqlerrcode) != ERRCODE_DATA_EXCEPTION &&
+		e->sqlerrcode != ERRCODE_DATATYPE_MISMATCH &&
+		e->sqlerrcode != ERRCODE_CANNOT_COERCE &&
+		e->sqlerrcode != ERRCODE_UNDEFINED_FUNCTION)
+		return false;
+	if (src->last_error == NULL)
+		return true;
+	/* the same error as last time, whatever HINT the check added to it */
+	key.hint = NULL;
+	text = cm_error_text(&key);
+	len = strlen(text);
+	return !(strncmp(src->last_error, text, len) == 0 &&
+			 (src->last_error[len] == '\0' || strncmp(src->last_error + len, " HINT: ", 7) == 0));
+}
+
+/*
+ * reimport_source
+ *		Compare the foreign table of a source with its queue table in
+ *		queue-db, and give it the column types queue-db has now
+ *		(cm.reimport_source, with the rights of the extension's owner), in
+ *		a subtransaction.  Returns the columns changed ("tier_1
+ *		numeric(20,8) -> numeric(30,10)", comma-separated), or NULL when
+ *		none was.  When the check itself fails (a new type the cycle cannot
+ *		use, no user mapping for the owner), the read's error *e gets a
+ *		HINT that says why and what to run.
+ */
+static char *
+reimport_source(Source *src, ErrorData **e)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	char	   *volatile changed = NULL;
+	Datum		arg[1];
+	Oid			argtype[1] = {INT4OID};
+
+	arg[0] = Int32GetDatum(src->source_id);
+	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s): comparing column types",
+					  src->source_id, src->server_name));
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		bool		isnull;
+		Datum		columns;
+
+		if (SPI_execute_with_args("SELECT pg_catalog.array_to_string(cm.reimport_source($1), ', ')",
+								  1, argtype, arg, NULL, false, 1) != SPI_OK_SELECT ||
+			SPI_processed != 1)
+			elog(ERROR, "could not compare the column types of source %d", src->source_id);
+		columns = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		MemoryContextSwitchTo(oldcxt);
+		if (!isnull && VARSIZE_ANY_EXHDR(DatumGetPointer(columns)) > 0)
+			changed = TextDatumGetCString(columns);
+		SPI_freetuptable(SPI_tuptable);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		if (!source_error_is_its_own(edata))
+			ReThrowError(edata);
+		(*e)->hint = psprintf("The cycle compared foreign table %s with queue-db to follow a changed column type, and could not: %s (SQLSTATE %s).  %s",
+							  quote_qualified_identifier(src->table_schema, src->table_name),
+							  edata->message, unpack_sql_state(edata->sqlerrcode),
+							  edata->hint ? edata->hint :
+							  psprintf("Correct that, then run SELECT cm.reimport_source(%d) as the extension's owner "
+									   "(or drop the foreign table and run cm_attach_queue() again).",
+									   src->source_id));
+	}
+	PG_END_TRY();
+	return changed;
+}
+
+/*
+ * stage_source_alone
+ *		Read one source (try_stage_source); the cycle goes on with the other
+ *		sources when it fails, and src->error keeps why.
+ *
+ * A read that fails on a column type changed in queue-db (a widened
+ * tier_1 whose new values overflow the foreign table's numeric(20,8)) is
+ * followed: the foreign table gets queue-db's types (reimport_source), the
+ * server log says which columns changed, and the source is read again,
+ * once, in this same cycle.
+ */
+static void
+stage_source_alone(Source *src, CmCycleResult *result)
+{
+	ErrorData  *e = try_stage_source(src, result);
+	char	   *changed;
+
+	if (e != NULL && type_drift_suspect(src, e) &&
+		(changed = reimport_source(src, &e)) != NULL)
+	{
+		ereport(WARNING,
+				(errmsg("consistency_manager re-imported the foreign table of source %d (%s, server %s): queue-db changed column types",
+						src->source_id, quote_qualified_identifier(src->table_schema, src->table_name),
+						src->server_name),
+				 errdetail("Changed: %s.  The read had failed with: %s",
+						   changed, cm_error_text(e)),
+				 errhint("The source is read again in this cycle; cm_health() reports the change for a day.")));
+		e = try_stage_source(src, result);
+	}
+	src->error = e;
 }
 
 /*
@@ -1633,6 +1823,15 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	apply_with_retry(sources, nsources, deltas, result);
 	new_failure = report_source_failures(sources, nsources,
 										 strcmp(trigger, "manual") == 0, result);
+	for (i = 0; i < nsources; i++)
+	{
+		if (sources[i].error == NULL && sources[i].closed > 0)
+			ereport(LOG,
+					(errmsg("consistency_manager closed %lld dead letters of source %d (%s): their queue rows were deleted in queue-db",
+							(long long) sources[i].closed, sources[i].source_id,
+							quote_qualified_identifier(sources[i].table_schema, sources[i].table_name)),
+					 errdetail("They are recorded in cm.discarded with the discard reason \"queue row deleted in queue-db\" and were not applied.")));
+	}
 
 	/*
 	 * Empty the scratch tables only when something was staged: a TRUNCATE

@@ -46,7 +46,10 @@
  * from (an index on (updated_at, queue_id) makes a page cost its size);
  * the OR is the keyset condition proper.  A row the ledger already holds in
  * this version (a re-read of the look-back window) is not staged: an idle
- * cycle stages nothing and skips the processing statement.  Returns the
+ * cycle stages nothing and skips the processing statement.  Nor is a row
+ * that waits as a dead letter, in any version: the pass of the dead
+ * letters (cm_sql_stage_dead_letters) staged its current version before,
+ * in the same remote transaction, so the same snapshot.  Returns the
  * number of rows read, the key of the last one, and the number staged.  cycle.c plans it with enable_sort off, so
  * that the order (and with it the limit) always goes to queue-db: a local
  * sort would fetch every changed row for every page.
@@ -74,11 +77,12 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 		"                      WHERE l.uuid = cm.try_uuid(p.uuid) AND l.source_id = $1"
 		"                        AND l.queue_id = p.queue_id"
 		"                        AND l.updated_at = p.updated_at AND l.status = p.status)"
-		/* a version already waiting as a dead letter is retried from there */
+		/*
+		 * a dead letter's current row was staged by the pass of the dead
+		 * letters, from this same remote snapshot: in whatever version
+		 */
 		"     AND NOT EXISTS (SELECT 1 FROM cm.dead_letter d"
-		"                      WHERE d.source_id = $1 AND d.queue_id = p.queue_id"
-		"                        AND d.updated_at IS NOT DISTINCT FROM p.updated_at"
-		"                        AND d.status IS NOT DISTINCT FROM p.status)"
+		"                      WHERE d.source_id = $1 AND d.queue_id = p.queue_id)"
 		/* a version an operator discarded (cm_discard_dead_letter) is never read again */
 		"     AND NOT EXISTS (SELECT 1 FROM cm.discarded x"
 		"                      WHERE x.source_id = $1 AND x.queue_id = p.queue_id"
@@ -96,8 +100,8 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
  * Stage the rows of a source that have no place in the order of updated_at
  * (NULL, infinity, -infinity), so that they become dead letters with a
  * reason rather than never being read.  Same parameters and result as
- * cm_sql_stage_page ($2 to $5 declared, unused).  A row already
- * waiting as a dead letter in that version is not staged again.
+ * cm_sql_stage_page ($2 to $5 declared, unused).  A row that waits as a
+ * dead letter is left to the pass of the dead letters.
  */
 char *
 cm_sql_stage_unplaceable(const char *foreign_table, const char *account_column,
@@ -124,13 +128,73 @@ cm_sql_stage_unplaceable(const char *foreign_table, const char *account_column,
 	return buf.data;
 }
 
-/* Stage a source's dead letters for another try.  $1 source_id. */
-const char *cm_sql_stage_dead_letters =
-	"INSERT INTO cm.stage (source_id, pass, queue_id, uuid, accountid, transaction_type,"
-	"                      tier_1, tier_2, tier_3, status, created_at, updated_at)"
-	" SELECT source_id, 0, queue_id, uuid, accountid, transaction_type,"
-	"        tier_1, tier_2, tier_3, status, created_at, updated_at"
-	"   FROM cm.dead_letter WHERE source_id = $1";
+/*
+ * Stage one page of a source's dead letters for another try, as their queue
+ * rows are now in queue-db.
+ *
+ *	$1 source_id, $2 the last queue_id of the previous page (the lowest
+ *	bigint for the first), $3 page size.
+ *
+ * The page is the next $3 dead letters in queue_id order (the primary key
+ * of cm.dead_letter); their current rows are fetched from queue-db by
+ * queue_id in one remote query (the array of ids goes to queue-db with the
+ * condition, which its primary key answers), so a retry costs O(n) and one
+ * remote statement per page.  The current version is staged, whatever the
+ * stored copy says: a queue row changed since it was dead-lettered is
+ * retried in its new version.  A dead letter whose queue row is gone from
+ * queue-db is closed instead, never applied: it leaves cm.dead_letter and
+ * is recorded in cm.discarded, by the sync role, with the discard reason
+ * 'queue row deleted in queue-db'.  Returns the number of dead letters in
+ * the page, the last queue_id of the page, the number staged and the
+ * number closed.  A source without dead letters costs no remote query (the
+ * EXISTS is a one-time filter above the foreign scan).
+ */
+char *
+cm_sql_stage_dead_letters(const char *foreign_table, const char *account_column,
+						  const char *type_expr)
+{
+	return psprintf(
+		"WITH wanted AS MATERIALIZED ("
+		"  SELECT d.queue_id FROM cm.dead_letter d"
+		"   WHERE d.source_id = $1 AND d.queue_id > $2"
+		"   ORDER BY d.queue_id LIMIT $3),"
+		" page AS MATERIALIZED ("
+		"  SELECT q.queue_id, q.uuid, q.%s AS accountid, %s AS transaction_type,"
+		"         q.tier_1, q.tier_2, q.tier_3, q.status, q.created_at, q.updated_at"
+		"    FROM %s q"
+		"   WHERE q.queue_id = ANY ((SELECT array_agg(w.queue_id) FROM wanted w)::bigint[])"
+		/* a source without dead letters sends nothing to queue-db */
+		"     AND EXISTS (SELECT 1 FROM wanted)),"
+		" ins AS ("
+		"  INSERT INTO cm.stage (source_id, pass, queue_id, uuid, accountid, transaction_type,"
+		"                        tier_1, tier_2, tier_3, status, created_at, updated_at)"
+		"  SELECT $1, 0, p.queue_id, p.uuid, p.accountid, p.transaction_type,"
+		"         p.tier_1, p.tier_2, p.tier_3, p.status, p.created_at, p.updated_at"
+		"    FROM page p"
+		"  RETURNING 1),"
+		/* the page is a range of the primary key: no join with it */
+		" gone AS ("
+		"  DELETE FROM cm.dead_letter d"
+		"   WHERE d.source_id = $1 AND d.queue_id > $2"
+		"     AND d.queue_id <= (SELECT max(w.queue_id) FROM wanted w)"
+		"     AND d.queue_id NOT IN (SELECT p.queue_id FROM page p)"
+		"  RETURNING d.source_id, d.queue_id, d.updated_at, d.uuid, d.accountid, d.status, d.reason),"
+		" closed AS ("
+		"  INSERT INTO cm.discarded AS x (source_id, queue_id, updated_at, uuid, accountid, status,"
+		"                                 reason, discard_reason, discarded_by)"
+		"  SELECT g.source_id, g.queue_id, g.updated_at, g.uuid, g.accountid, g.status,"
+		"         g.reason, 'queue row deleted in queue-db', current_user"
+		"    FROM gone g"
+		"  ON CONFLICT (source_id, queue_id) DO UPDATE"
+		"     SET updated_at = excluded.updated_at, uuid = excluded.uuid,"
+		"         accountid = excluded.accountid, status = excluded.status,"
+		"         reason = excluded.reason, discard_reason = excluded.discard_reason,"
+		"         discarded_by = excluded.discarded_by, discarded_at = now()"
+		"  RETURNING 1)"
+		" SELECT (SELECT count(*) FROM wanted), (SELECT max(w.queue_id) FROM wanted w),"
+		"        (SELECT count(*) FROM ins), (SELECT count(*) FROM closed)",
+		account_column, type_expr, foreign_table);
+}
 
 /*
  * Process the staged rows of one source.
@@ -340,9 +404,17 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         reason = excluded.reason, last_seen = now(),"
 		"         attempts = d.attempts + (d.last_seen < now())::int"
 		"),"
+		/*
+		 * The rows that apply leave the dead letters: looked up by primary
+		 * key from an array, never joined with f, so that no estimate (the
+		 * statistics of cm.dead_letter say little of a source that has just
+		 * been dead-lettered en masse) can make it a nested loop that scans
+		 * f once per dead letter.
+		 */
 		" undl AS ("
-		"  DELETE FROM cm.dead_letter d USING f"
-		"   WHERE d.source_id = $1 AND d.queue_id = f.queue_id AND f.why IS NULL"
+		"  DELETE FROM cm.dead_letter d"
+		"   WHERE d.source_id = $1"
+		"     AND d.queue_id = ANY (ARRAY(SELECT f.queue_id FROM f WHERE f.why IS NULL))"
 		"     AND EXISTS (SELECT 1 FROM cm.dead_letter e WHERE e.source_id = $1)"
 		"),"
 		" tx AS ("

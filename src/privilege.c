@@ -95,8 +95,10 @@ typedef struct CmPrivilege
  * The tables of schema cm the cycle uses, and how.  The cycle stages what it
  * reads in cm.stage, moves it source by source to cm.batch (DELETE ...
  * RETURNING, then INSERT), writes cm.ledger, cm.dead_letter (INSERT ... ON
- * CONFLICT DO UPDATE, DELETE) and cm.batch_account, empties the scratch
- * tables with TRUNCATE, and appends to (and prunes) cm.cycle_history.  The
+ * CONFLICT DO UPDATE, DELETE) and cm.batch_account, records in
+ * cm.discarded the dead letters whose queue row was deleted (INSERT ... ON
+ * CONFLICT DO UPDATE), empties the scratch tables with TRUNCATE, and
+ * appends to (and prunes) cm.cycle_history.  The
  * identity column of cm.cycle_history needs no privilege on its sequence.
  */
 static const struct
@@ -114,7 +116,7 @@ static const struct
 	{"batch", ACL_SELECT | ACL_INSERT | ACL_TRUNCATE},
 	{"batch_account", ACL_SELECT | ACL_INSERT | ACL_TRUNCATE},
 	{"cycle_history", ACL_SELECT | ACL_INSERT | ACL_DELETE},
-	{"discarded", ACL_SELECT},
+	{"discarded", ACL_SELECT | ACL_INSERT | ACL_UPDATE},
 };
 
 /* The only columns of cm.source the cycle writes (its read position and state). */
@@ -122,7 +124,7 @@ static const char *const cm_source_update_columns[] = {"watermark", "watermark_i
 	"last_synced_at", "read_horizon", "oldest_open_xact", "horizon_visible", "probed_at", "last_error",
 	"last_error_at"};
 
-/* The functions of schema cm the cycle's statements call. */
+/* The functions of schema cm the cycle calls. */
 static const struct
 {
 	const char *name;
@@ -137,6 +139,8 @@ static const struct
 	{"factor_mul", 2, {NUMERICOID, NUMERICOID}},
 	{"factor_pow", 2, {NUMERICOID, INT8OID}},
 	{"product", 1, {NUMERICOID}},
+	/* a column type changed in queue-db: the cycle re-imports it (cycle.c) */
+	{"reimport_source", 1, {INT4OID}},
 };
 
 /*

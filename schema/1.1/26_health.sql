@@ -112,6 +112,14 @@ BEGIN
                                  (SELECT count(*) FROM cm.dead_letter d WHERE d.reason LIKE 'updated_at is %'));
     END IF;
 
+    -- a column type that changed in queue-db, followed by the cycle (35_type_drift.sql): for a day
+    notes := notes || ARRAY(
+        SELECT format('source %s (%I.%I, server %s): queue-db changed column types, and the cycle re-imported them at %s: %s',
+                      s.source_id, s.table_schema, s.table_name, s.server_name, s.reimported_at, s.reimported_columns)
+          FROM cm.source s
+         WHERE s.enabled AND s.reimported_at > now() - interval '1 day'
+         ORDER BY s.source_id);
+
     -- the sync role: superuser (a warning), privileges, user mappings (30_privileges.sql)
     SELECT * INTO sync FROM cm.sync_role_health();
     problems := problems || sync.problems;
