@@ -82,8 +82,9 @@ def main():
         targets.append({"target": name, "value": value, "limit": limit, "holds": ok, "note": note})
 
     # 1. catch-up
-    md.append("| catch-up (rows/s, median (min – max)) | rows | cycle | (a) bare upsert over FDW | (b) bare upsert, local copies | cycle/(a) | cycle/(b) |")
-    md.append("|---|---:|---:|---:|---:|---:|---:|")
+    if by.get("catchup.cycle") or by.get("catchup.base_sync"):
+        md.append("| catch-up (rows/s, median (min – max)) | rows | cycle | (a) bare upsert over FDW | (b) bare upsert, local copies | cycle/(a) | cycle/(b) |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|")
     for c in by.get("catchup.cycle", []):
         size, rows = c["size"], c["rows"]
         a = next(x for x in by["catchup.fdw_upsert"] if x["size"] == size)
@@ -101,7 +102,8 @@ def main():
         res["catch_up"].append({"size": c["size"], "rows": c["rows"], "cycle_rows_per_s": r,
                                 "cycle_ms": spread(c["samples"]), "note": "one run: the base of the incremental figure"})
         md.append(f"| {size_label(c['size'])} (one run, base of the incremental figure) | {c['rows']:,} | {mmm(r)} | – | – | – | – |")
-    md.append("")
+    if by.get("catchup.cycle") or by.get("catchup.base_sync"):
+        md.append("")
 
     # 2. legacy
     if "legacy.cycle" in by:
@@ -216,6 +218,75 @@ def main():
             mx = during["extra"]["max_ms"]
             target("application single-row UPDATE p99 during the catch-up ≤ 50 ms", p99, 50, p99 <= 50)
             target("application single-row UPDATE max during the catch-up ≤ 500 ms", mx, 500, mx <= 500)
+
+    # 8. after a catch-up
+    if "after.next_cycle" in by:
+        res["after_catch_up"] = []
+        md.append("| after a catch-up (ms, median (min – max)) | rows | distinct updated_at | catch-up | next cycle: rows read | next cycle | idle cycle | next / idle (round trip) | next / idle (in server) |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        labels = {"generated": "generated workload (updated_at over 30 days)",
+                  "one_transaction": "inserted in one queue-db transaction (one updated_at)"}
+        for nx in by["after.next_cycle"]:
+            v = nx["extra"]["variant"]
+            cu = next(x for x in by["after.catchup"] if x["extra"]["variant"] == v)
+            idl = next(x for x in by["after.idle_cycle"] if x["extra"]["variant"] == v)
+            sn, si, sc = spread(nx["samples"]), spread(idl["samples"]), spread(cu["samples"])
+            sns, sis = spread(nx["extra"]["server_ms"]), spread(idl["extra"]["server_ms"])
+            ratio, ratio_s = sn["median"] / si["median"], sns["median"] / sis["median"]
+            rr = nx["extra"]["rows_read"]
+            res["after_catch_up"].append({"variant": v, "size": nx["size"], "rows": nx["rows"],
+                                          "distinct_updated_at": cu["extra"].get("updated_at_values"),
+                                          "catch_up_ms": sc, "next_cycle_ms": sn, "next_cycle_server_ms": sns,
+                                          "next_cycle_rows_read": rr, "idle_ms": si, "idle_server_ms": sis,
+                                          "idle_rows_read_max": max(idl["extra"]["rows_read"]),
+                                          "next_over_idle": ratio, "next_over_idle_server": ratio_s})
+            md.append(f"| {labels.get(v, v)} | {nx['rows']:,} | {cu['extra'].get('updated_at_values', 0):,} | {mmm(sc)} | "
+                      f"{max(rr)} (max of {len(rr)}) | {mmm(sn, 2)} | {mmm(si, 2)} | {ratio:.2f}× | {ratio_s:.2f}× |")
+            target(f"cycle after a {size_label(nx['size'])} catch-up ({v.replace('_', ' ')}) reads 0 rows", max(rr), 0, max(rr) == 0)
+            target(f"cycle after a {size_label(nx['size'])} catch-up ({v.replace('_', ' ')}) ≤ 2 × idle cycle", round(ratio, 2), 2.0,
+                   ratio <= 2.0, f"in server: {ratio_s:.2f}×")
+        md.append("")
+
+    # 9. poison rows
+    if "poison.catchup" in by:
+        runs = sorted(by["poison.catchup"], key=lambda x: x["extra"]["poison"])
+        clean = next(x for x in runs if x["extra"]["poison"] == 0)
+        cm = median(clean["samples"])
+        res["poison"] = []
+        md.append(f"| catch-up with poison rows ({size_label(clean['size'])} rows, ms) | poison rows | median (min – max) | × clean | dead letters checked |")
+        md.append("|---|---:|---:|---:|---:|")
+        for x in runs:
+            p = x["extra"]["poison"]
+            s_ = spread(x["samples"])
+            ratio = s_["median"] / cm
+            ok = all(c["poison_dead_lettered"] == p and c["dead_letters"] == p and c["poison_applied"] == 0
+                     and c["applied"] == x["rows"] - p for c in x["extra"]["checks"])
+            res["poison"].append({"poison": p, "size": x["size"], "rows": x["rows"], "ms": s_, "over_clean": ratio,
+                                  "checks": x["extra"]["checks"], "exact": ok})
+            md.append(f"| {'clean (the CHECK in place)' if p == 0 else 'with poison rows'} | {p} | {mmm(s_)} | {ratio:.2f}× | "
+                      f"{'–' if p == 0 else ('exactly the poison rows, ' + str(len(x['extra']['checks'])) + ' runs') if ok else 'WRONG'} |")
+            if p:
+                limit = 2.0 if p == 1 else 5.0 if p == 100 else None
+                if limit:
+                    target(f"catch-up {size_label(x['size'])} with {p} poison row{'s' if p > 1 else ''} ≤ {limit:g} × clean",
+                           round(ratio, 2), limit, ratio <= limit)
+        md.append("")
+
+    # 10. sustained load
+    if "sustained.lag" in by:
+        res["sustained"] = []
+        md.append("| sustained writer, worker every 1 s | writer tx/s | inserted rows/s | lag p50 ms | lag p99 ms | lag max ms | cycles | rows read / cycle | re-read / cycle (avg, max) | cycle ms (avg, max) |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for x in by["sustained.lag"]:
+            e = x["extra"]
+            res["sustained"].append({"rows": x["rows"], **e})
+            rate = "as fast as it goes" if e["rate"] == "max" else f"paced at {e['rate']} tx/s"
+            md.append(f"| {rate}, {e['seconds']:.0f} s | {e['tps']:,.0f} | {e['rows_per_s']:,} | {fmt(e['p50_ms'], 1)} | "
+                      f"{fmt(e['p99_ms'], 1)} | {fmt(e['max_ms'], 1)} | {e['cycles']}{' (' + str(e['failed_cycles']) + ' failed)' if e['failed_cycles'] else ''} | "
+                      f"{fmt(e['rows_read_per_cycle'], 1)} | {fmt(e['reread_per_cycle'], 1)}, {e['reread_max']} | {fmt(e['cycle_ms_avg'], 1)}, {fmt(e['cycle_ms_max'], 1)} |")
+        md.append("\n(lag: commit of the portfolio_transactions row less commit of the queue row, every row the writer inserted; "
+                  "re-read: rows_read − created − updated − dead_lettered of cm.cycle_history)")
+        md.append("")
 
     md.append("| target | measured | holds |")
     md.append("|---|---:|:---:|")

@@ -18,13 +18,25 @@
 #   7. beside the application: a 200k catch-up alone and under an
 #      application load (pgbench, single-row UPDATEs of random accounts),
 #      with the application's UPDATE latency (p50/p99/max) during the
-#      catch-up and without it.
+#      catch-up and without it;
+#   8. after a catch-up: the cycle right after a 100k catch-up (generated
+#      rows, and rows inserted in one queue-db transaction, so sharing one
+#      updated_at) against an idle cycle: rows read and time;
+#   9. poison rows: a 100k catch-up with 1 and with 100 rows that a CHECK of
+#      portfolio_transactions refuses, against the same catch-up clean; the
+#      dead letters are checked after every run;
+#  10. sustained load: a queue-db writer committing small transactions for
+#      a minute at a few rates, the worker polling every second: the
+#      commit-to-visible lag of every row (commit timestamps of both sides)
+#      and the rows each cycle re-reads.
 # Prints a table, and writes bench/results/latest.json and latest.md.
 #
 #   bash bench/run.sh                  default run (about 20 minutes on 2 cores)
 #   BENCH_FULL=1 bash bench/run.sh     incremental at 10M rows too (+15-20 min)
 #   BENCH_QUICK=1 bash bench/run.sh    small sizes, a smoke test (about 2 min)
-#   BENCH_ONLY=beside ...              only phase 7 (beside the application)
+#   BENCH_ONLY=beside ...              only phase 7 (beside the application);
+#                                      also after, poison, sustained (phases
+#                                      8-10), or several: BENCH_ONLY=after,poison
 #   CM_SKIP_BUILD=1 ...                use the installed build
 #   CM_KEEP=1 ...                      keep the cluster directory afterwards
 #
@@ -49,6 +61,9 @@ if [ -n "${BENCH_QUICK:-}" ]; then
     LAT_N=10
     MEM_FIRST=100; MEM_IDLE=500; MEM_BUSY=500; MEM_BUDGET=60
     BESIDE_SIZE=40000
+    NEW_SIZE=20000; AFTER_RUNS=3; AFTER_IDLE=10
+    POISON_RUNS=2; POISON_COUNTS="1 100"
+    SUSTAIN_SECS=10; SUSTAIN_RATES="200 500 max"
 elif [ -n "${BENCH_FULL:-}" ]; then
     MODE=full
 else
@@ -64,12 +79,31 @@ if [ "$MODE" != quick ]; then
     LAT_N=50
     MEM_FIRST=100; MEM_IDLE=10000; MEM_BUSY=10000; MEM_BUDGET=${BENCH_MEM_BUDGET:-240}
     BESIDE_SIZE=200000
+    NEW_SIZE=100000; AFTER_RUNS=5; AFTER_IDLE=20
+    POISON_RUNS=3; POISON_COUNTS="1 100"
+    SUSTAIN_SECS=${BENCH_SUSTAIN_SECS:-45}; SUSTAIN_RATES=${BENCH_SUSTAIN_RATES:-"200 500 max"}
 fi
+ONLY=${BENCH_ONLY:-}
+for p in ${ONLY//,/ }; do
+    case $p in beside|after|poison|sustained) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained)" >&2; exit 1 ;; esac
+done
+only() { [[ ",$ONLY," == *",$1,"* ]]; }
+# a run of some phases writes beside the full run's results, not over them
+[ -n "$ONLY" ] && [ -z "${BENCH_RESULTS:-}" ] && RESULTS=$BENCH/results/${ONLY//,/-}
 
 cm_install_packages python3-psycopg2 time
-[ -n "${CM_SKIP_BUILD:-}" ] || cm_build_install
 
 WORK=$(cm_workdir)
+# the build goes into a private copy of PostgreSQL under the work directory
+# (as the tests do), never into the system's; CM_SKIP_BUILD runs the
+# system's installed build as found
+if [ -z "${CM_SKIP_BUILD:-}" ]; then
+    cm_pg_tree "$WORK/pg"
+    cm_build_install "$WORK/pg"
+    [ "$(id -u)" = 0 ] && chown -R postgres: "$WORK/pg"
+    PGBIN=$(cm_tree_bin "$WORK/pg")
+    export PATH="$PGBIN:$PATH"
+fi
 PORT=$(cm_free_port)
 RAW=$WORK/raw.jsonl
 : > "$RAW"
@@ -142,7 +176,8 @@ CONF=("shared_preload_libraries = 'consistency_manager'"
       "maintenance_work_mem = 512MB"
       "max_wal_size = 16GB"
       "checkpoint_timeout = 30min"
-      "log_min_messages = warning")
+      "log_min_messages = warning"
+      "track_commit_timestamp = on")
 cm_start_cluster "$WORK" "$PORT" "${CONF[@]}"
 "${PSQL[@]}" -d postgres -c "CREATE DATABASE queue" -c "CREATE DATABASE portfolio"
 q -f "$CM_ROOT/test/fixtures/queue_db.sql" -f "$BENCH/sql/queue_setup.sql"
@@ -152,7 +187,7 @@ pf -f "$CM_ROOT/test/fixtures/portfolio_db.sql" -v port="$PORT" -v accounts="$AC
 # ---------------------------------------------------------------- 2. legacy
 # The same rows three ways, each from an empty portfolio: the cycle, the
 # per-row-commit service, the connection-per-row service.
-if [ "${BENCH_ONLY:-}" != beside ]; then
+if [ -z "$ONLY" ]; then
 say "legacy: $LEGACY_ROWS rows, cycle vs row-at-a-time Python"
 grow_queue "$LEGACY_ROWS"
 N=$(queue_rows)
@@ -284,19 +319,29 @@ rss() {   # rss LABEL CYCLES -> one JSON object
         "$1" "$2" "$pid" "$(awk '/^VmRSS:/ {print $2}' "$st")" "$(awk '/^RssAnon:/ {print $2}' "$st")" \
         "$(awk '/^RssFile:/ {print $2}' "$st")" "$(awk '/^RssShmem:/ {print $2}' "$st")"
 }
-worker_phase() {
-    say "worker: latency ($LAT_N requests per case) and memory"
+# worker_on: the worker on, polling every second
+worker_on() {
     pf -c "ALTER SYSTEM SET consistency_manager.enabled = on" \
        -c "ALTER SYSTEM SET consistency_manager.polling_interval = '1s'" -c "SELECT pg_reload_conf()" >/dev/null
     # the worker picks the new interval up after its next wait; wake it until
     # it has run a cycle under the new settings
     local i c0
-    c0=$(val portfolio -c "SELECT cycles FROM cm_stats()")
+    c0=$(val portfolio -c "SELECT coalesce(cycles, 0) FROM cm_stats()")
     for i in $(seq 1 100); do
         val portfolio -c "SELECT cm_wake()" >/dev/null
         sleep 0.2
         [ "$(val portfolio -c "SELECT cycles > $c0 + 1 FROM cm_stats() WHERE worker_state = 'idle'")" = t ] && break
     done
+}
+worker_off() {
+    pf -c "ALTER SYSTEM SET consistency_manager.enabled = off" \
+       -c "ALTER SYSTEM RESET consistency_manager.polling_interval" -c "SELECT pg_reload_conf()" >/dev/null
+    sleep 1
+}
+
+worker_phase() {
+    say "worker: latency ($LAT_N requests per case) and memory"
+    worker_on
     pf -c "TRUNCATE bench.latency" \
        -c "CALL bench.latency_stream('interval', $LAT_N, false, 1.0, 30)" \
        -c "CALL bench.latency_stream('wake', $LAT_N, true, 0.05, 30)"
@@ -324,9 +369,7 @@ worker_phase() {
     say "  $d busy cycles in $((SECONDS - t0)) s ($w wakes repeated)"
     echo "{\"key\":\"worker.rss\",\"size\":0,\"rows\":0,\"extra\":{\"asked\":[$MEM_FIRST,$MEM_IDLE,$MEM_BUSY],\"budget_s\":$MEM_BUDGET,\"rewakes\":[$(IFS=,; echo "${rew[*]}")]},\"samples\":[$(IFS=,; echo "${m[*]}")]}" >> "$RAW"
     say "  RSS: ${m[*]}"
-    pf -c "ALTER SYSTEM SET consistency_manager.enabled = off" \
-       -c "ALTER SYSTEM RESET consistency_manager.polling_interval" -c "SELECT pg_reload_conf()" >/dev/null
-    sleep 1
+    worker_off
     sync_once >/dev/null
 }
 
@@ -382,9 +425,248 @@ SQL
         "outside it $(pct "$outside" 0.5)/$(pct "$outside" 0.99)/$(pct "$outside" 1) ms"
 }
 
+# ---------------------------------------------------------------- 8. after a catch-up
+# The cycle right after a catch-up must read nothing (its read position is
+# the key of the last row read, however many rows share one updated_at) and
+# cost what an idle cycle costs.  Each run: an empty portfolio, then in ONE
+# psql session (so every cycle but the catch-up reuses its connection to
+# queue-db): the catch-up, the cycle right after it, and AFTER_IDLE idle
+# cycles.  Two workloads: the generated one (updated_at spread over 30
+# days), and the same rows inserted again in one queue-db transaction, so
+# that all of them share that transaction's updated_at (queue-db's rows are
+# put back as they were afterwards).
+# cycles_in_session N -> one line per cycle: "rows_read changed server_ms client_ms"
+cycles_in_session() {
+    local n=$1 i cmds=(-c '\timing on') out
+    for i in $(seq 1 "$n"); do
+        cmds+=(-c "SELECT rows_read, created + updated + dead_lettered, duration_ms FROM cm_sync_now(keep_connections => true)")
+    done
+    out=$("${PSQL[@]}" -d portfolio -At "${cmds[@]}")
+    paste -d'|' <(printf '%s\n' "$out" | grep -v '^Time:') \
+                 <(printf '%s\n' "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p') | tr '|' ' '
+}
+requeue_one_transaction() {   # requeue_one_transaction now|saved
+    local ts=now
+    [ "$1" = saved ] && ts=updated_at
+    q -c "BEGIN" \
+      -c "DELETE FROM investment_queue" \
+      -c "INSERT INTO investment_queue SELECT queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, $( [ "$ts" = now ] && echo 'now()' || echo updated_at ), processed_at FROM bench_saved_investment" \
+      -c "DELETE FROM withdrawal_queue" \
+      -c "INSERT INTO withdrawal_queue SELECT queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, $( [ "$ts" = now ] && echo 'now()' || echo updated_at ), processed_at FROM bench_saved_withdrawal" \
+      -c "COMMIT" -c "VACUUM ANALYZE investment_queue, withdrawal_queue"
+}
+after_phase() {
+    local size=$1 n variant r line
+    say "after a catch-up: $size rows, $AFTER_RUNS runs per workload, $AFTER_IDLE idle cycles each"
+    [ "$(queue_rows)" -ge "$size" ] || grow_queue "$size"
+    n=$(queue_rows)
+    q -c "SET client_min_messages = warning" \
+      -c "DROP TABLE IF EXISTS bench_saved_investment, bench_saved_withdrawal" \
+      -c "CREATE TABLE bench_saved_investment AS SELECT * FROM investment_queue" \
+      -c "CREATE TABLE bench_saved_withdrawal AS SELECT * FROM withdrawal_queue"
+    for variant in one_transaction generated; do
+        [ "$variant" = one_transaction ] && requeue_one_transaction now
+        [ "$variant" = generated ] && requeue_one_transaction saved
+        local stamps
+        stamps=$(val queue -c "SELECT count(DISTINCT updated_at) FROM (SELECT updated_at FROM investment_queue UNION ALL SELECT updated_at FROM withdrawal_queue) u")
+        local cu=() af=() afs=() afr=() idl=() ids=() idr=()
+        for r in $(seq 1 "$AFTER_RUNS"); do
+            reset_portfolio
+            mapfile -t lines < <(cycles_in_session $((AFTER_IDLE + 2)))
+            set -- ${lines[0]}
+            [ "$1" = "$n" ] && [ "$2" = "$n" ] || { echo "after ($variant): catch-up read $1, changed $2 of $n rows" >&2; exit 1; }
+            cu+=("$4")
+            set -- ${lines[1]}
+            afr+=("$1"); afs+=("$3"); af+=("$4")
+            for line in "${lines[@]:2}"; do
+                set -- $line
+                idr+=("$1"); ids+=("$3"); idl+=("$4")
+            done
+            say "  $variant run $r: catch-up ${cu[-1]} ms; next cycle read ${afr[-1]} rows in ${af[-1]} ms (server ${afs[-1]} ms); idle median $(printf '%s\n' "${idl[@]: -$AFTER_IDLE}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') ms"
+        done
+        record after.catchup "$size" "$n" "{\"variant\":\"$variant\",\"updated_at_values\":$stamps}" "${cu[@]}"
+        record after.next_cycle "$size" "$n" "{\"variant\":\"$variant\",\"rows_read\":[$(IFS=,; echo "${afr[*]}")],\"server_ms\":[$(IFS=,; echo "${afs[*]}")]}" "${af[@]}"
+        record after.idle_cycle "$size" "$n" "{\"variant\":\"$variant\",\"rows_read\":[$(IFS=,; echo "${idr[*]}")],\"server_ms\":[$(IFS=,; echo "${ids[*]}")]}" "${idl[@]}"
+    done
+    q -c "DROP TABLE bench_saved_investment, bench_saved_withdrawal"
+}
+
+# ---------------------------------------------------------------- 9. poison rows
+# A rule of the application's that the cycle does not model: a CHECK on
+# portfolio_transactions refusing a tier-3 amount of 7,777.77 (the generated
+# amounts are at most 5,000).  The poison rows are queue rows whose tier_3 is
+# set to that amount in place (session_replication_role = replica, so that
+# their updated_at stays), spread evenly over the read order: with 100 of
+# them every 10k-row page of a 100k catch-up holds 10.  Each run: an empty
+# portfolio, one catch-up (a case whose first run took over a minute runs
+# once); then the dead letters are checked: exactly the
+# poison rows, each with the CHECK's name in its reason, none of them in
+# portfolio_transactions, every other row applied.  The clean catch-up runs
+# with the CHECK in place too.  The CHECK is dropped afterwards and the
+# queue rows put back.
+poison_phase() {
+    local size=$1 n maxp=0 p r
+    for p in $POISON_COUNTS; do [ "$p" -gt "$maxp" ] && maxp=$p; done
+    say "poison rows: $size-row catch-up clean and with $POISON_COUNTS poison rows, $POISON_RUNS runs each"
+    [ "$(queue_rows)" -ge "$size" ] || grow_queue "$size"
+    n=$(queue_rows)
+    q -c "SET client_min_messages = warning" -c "DROP TABLE IF EXISTS bench_poison" \
+      -c "CREATE TABLE bench_poison AS
+          SELECT row_number() OVER (ORDER BY updated_at, queue_id, kind) AS pick, kind, queue_id, uuid, tier_3, false AS active
+            FROM (SELECT kind, queue_id, uuid, tier_3, updated_at,
+                         row_number() OVER (ORDER BY updated_at, queue_id, kind) AS rn, count(*) OVER () AS total
+                    FROM (SELECT 'inv' AS kind, queue_id, uuid, tier_3, updated_at FROM investment_queue
+                          UNION ALL
+                          SELECT 'wd', queue_id, uuid, tier_3, updated_at FROM withdrawal_queue) a) b
+           WHERE (rn - 1) % (total / $maxp) = (total / $maxp) / 2
+           ORDER BY rn LIMIT $maxp"
+    pf -c "ALTER TABLE portfolio_transactions ADD CONSTRAINT bench_poison CHECK (abs(tier3_change) <> 7777.77)"
+    local verify="WITH p AS (SELECT s.source_id, t.queue_id, t.uuid
+                      FROM dblink(format('host=127.0.0.1 port=%s dbname=queue user=postgres', current_setting('port')),
+                                  'SELECT kind, queue_id, uuid FROM bench_poison WHERE active') AS t(kind text, queue_id bigint, uuid text)
+                      JOIN cm.source s ON s.layout = CASE t.kind WHEN 'inv' THEN 'investment' ELSE 'withdrawal' END)
+          SELECT (SELECT count(*) FROM p), (SELECT count(*) FROM cm.dead_letter),
+                 (SELECT count(*) FROM cm.dead_letter d JOIN p USING (source_id, queue_id) WHERE d.reason LIKE '%bench_poison%'),
+                 (SELECT count(*) FROM portfolio_transactions),
+                 (SELECT count(*) FROM portfolio_transactions t JOIN p ON t.id = p.uuid::uuid)"
+    local -A ms=() checks=()
+    for r in $(seq 1 "$POISON_RUNS"); do
+        # the clean catch-up last, so that the portfolio is left in sync
+        for p in $POISON_COUNTS 0; do
+            # a case whose first run took more than a minute runs once
+            if [ "$r" -gt 1 ] && [ "$p" -gt 0 ] && [ "$(echo "${ms[$p]}" | awk '{print ($1 > 60000)}')" = 1 ]; then
+                continue
+            fi
+            q -c "UPDATE bench_poison SET active = (pick - 1) % greatest($maxp / greatest($p, 1), 1) = ($maxp / greatest($p, 1)) / 2 AND $p > 0" \
+              -c "SET session_replication_role = replica" \
+              -c "UPDATE investment_queue q SET tier_3 = CASE WHEN p.active THEN 7777.77 ELSE p.tier_3 END FROM bench_poison p WHERE p.kind = 'inv' AND q.queue_id = p.queue_id" \
+              -c "UPDATE withdrawal_queue q SET tier_3 = CASE WHEN p.active THEN 7777.77 ELSE p.tier_3 END FROM bench_poison p WHERE p.kind = 'wd' AND q.queue_id = p.queue_id"
+            reset_portfolio
+            set -- $(sync_once)
+            local rd=$1 cr=$2 dl=$5 t=$6
+            IFS='|' read -r np ndl ndlp napp nbad < <(val portfolio -c "$verify")
+            local ok=true
+            [ "$np" = "$p" ] && [ "$ndl" = "$p" ] && [ "$ndlp" = "$p" ] && [ "$napp" = $((n - p)) ] && [ "$nbad" = 0 ] &&
+                [ "$rd" = "$n" ] && [ "$cr" = $((n - p)) ] && [ "$dl" = "$p" ] || ok=false
+            say "  run $r, $p poison: $t ms; read $rd, created $cr, dead-lettered $dl; dead letters $ndl ($ndlp of the $np poison rows, by the CHECK), applied $napp of $n, poison rows applied $nbad: $([ $ok = true ] && echo ok || echo WRONG)"
+            [ $ok = true ] || { echo "poison: the dead letters are not exactly the poison rows" >&2; exit 1; }
+            ms[$p]+="$t "
+            checks[$p]+="{\"run\":$r,\"dead_letters\":$ndl,\"poison_dead_lettered\":$ndlp,\"applied\":$napp,\"poison_applied\":$nbad},"
+        done
+    done
+    for p in 0 $POISON_COUNTS; do
+        record poison.catchup "$size" "$n" "{\"poison\":$p,\"checks\":[${checks[$p]%,}]}" ${ms[$p]}
+    done
+    pf -c "ALTER TABLE portfolio_transactions DROP CONSTRAINT bench_poison"
+    q -c "SET session_replication_role = replica" \
+      -c "UPDATE investment_queue q SET tier_3 = p.tier_3 FROM bench_poison p WHERE p.kind = 'inv' AND q.queue_id = p.queue_id" \
+      -c "UPDATE withdrawal_queue q SET tier_3 = p.tier_3 FROM bench_poison p WHERE p.kind = 'wd' AND q.queue_id = p.queue_id" \
+      -c "RESET session_replication_role" -c "DROP TABLE bench_poison"
+}
+
+# ---------------------------------------------------------------- 10. sustained load
+# A writer in queue-db (pgbench, two clients) commits small transactions for
+# SUSTAIN_SECS at each rate of SUSTAIN_RATES (transactions per second;
+# "max": as fast as it goes): each inserts 4 investment requests (3 of 4
+# COMPLETED, so accounts move) and flips one older request COMPLETED <->
+# FAILED.  The worker polls every second.  The cluster runs with
+# track_commit_timestamp = on, so the lag of every inserted row is exact:
+# the commit time of its portfolio_transactions row less the commit time of
+# its queue row (one cluster, one clock).  cm.cycle_history gives the rows
+# each cycle read and what it changed; the difference is what it re-read
+# (rows behind the position, read again because a queue-db transaction was
+# open at the previous read).
+sustained_phase() {
+    local size=$1 rate base q0 q1 c0 t0 t1 i out
+    say "sustained load: rates $SUSTAIN_RATES (transactions/s), $SUSTAIN_SECS s each, worker polling every 1 s"
+    if [ "$(queue_rows)" -lt "$size" ]; then
+        grow_queue "$size"
+        reset_portfolio
+        sync_once >/dev/null
+    fi
+    sync_once >/dev/null
+    base=$(val queue -c "SELECT max(queue_id) FROM investment_queue")
+    cat > "$WORK/writer.sql" <<'SQL'
+\set a random(1, :accounts)
+\set old random(1, :base)
+BEGIN;
+INSERT INTO investment_queue (account_number, tier_1, tier_2, tier_3, uuid, status, processed_at)
+SELECT 'A' || lpad((1 + (:a + g) % :accounts)::text, 9, '0'), 10 + g, 20, 30, gen_random_uuid()::text,
+       CASE WHEN g < 4 THEN 'COMPLETED' ELSE 'PROCESSING' END, now()
+  FROM generate_series(1, 4) g;
+UPDATE investment_queue SET status = CASE status WHEN 'COMPLETED' THEN 'FAILED' ELSE 'COMPLETED' END, processed_at = now()
+ WHERE queue_id = :old AND status IN ('COMPLETED', 'FAILED');
+END;
+SQL
+    worker_on
+    for rate in $SUSTAIN_RATES; do
+        q0=$(val queue -c "SELECT max(queue_id) FROM investment_queue")
+        c0=$(val portfolio -c "SELECT coalesce(max(cycle_id), 0) FROM cm.cycle_history")
+        t0=$(date +%s.%N)
+        local rflag=()
+        [ "$rate" = max ] || rflag=(-R "$rate")
+        pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -c 2 -j 1 "${rflag[@]}" -T "$SUSTAIN_SECS" \
+            -D accounts="$ACCOUNTS" -D base="$base" -f "$WORK/writer.sql" queue > "$WORK/sustain.out" 2>&1 ||
+            { cat "$WORK/sustain.out" >&2; exit 1; }
+        t1=$(date +%s.%N)
+        q1=$(val queue -c "SELECT max(queue_id) FROM investment_queue")
+        local tps
+        tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$WORK/sustain.out" | head -1)
+        # drain: until every row written is visible (at most about 30 s;
+        # rows still not visible then are reported, not waited for)
+        local drain0=$SECONDS left
+        for i in $(seq 1 40); do
+            left=$(val portfolio -c "SELECT $((q1 - q0)) - count(*) FROM portfolio_transactions t
+                                      JOIN dblink(format('host=127.0.0.1 port=%s dbname=queue user=postgres', current_setting('port')),
+                                                  'SELECT uuid FROM investment_queue WHERE queue_id > $q0 AND queue_id <= $q1') AS q(uuid text)
+                                        ON t.id = q.uuid::uuid")
+            [ "$left" = 0 ] && break
+            sleep 0.5
+        done
+        local drain=$((SECONDS - drain0))
+        out=$(val portfolio -F ' ' -c "
+            WITH lag AS (
+                SELECT 1000 * extract(epoch FROM pg_xact_commit_timestamp(t.xmin) - q.committed) AS ms
+                  FROM dblink(format('host=127.0.0.1 port=%s dbname=queue user=postgres', current_setting('port')),
+                              'SELECT uuid, pg_xact_commit_timestamp(xmin) FROM investment_queue WHERE queue_id > $q0 AND queue_id <= $q1')
+                       AS q(uuid text, committed timestamptz)
+                  JOIN portfolio_transactions t ON t.id = q.uuid::uuid),
+            cyc AS (
+                SELECT * FROM cm.cycle_history
+                 WHERE cycle_id > $c0 AND started_at <= to_timestamp($t1) AND error IS NULL)
+            SELECT (SELECT count(*) FROM lag),
+                   (SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) FROM lag),
+                   (SELECT round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) FROM lag),
+                   (SELECT round(max(ms)::numeric, 1) FROM lag),
+                   (SELECT count(*) FROM cyc),
+                   (SELECT coalesce(round(avg(rows_read), 1), 0) FROM cyc),
+                   (SELECT coalesce(round(avg(rows_read - created - updated - dead_lettered), 1), 0) FROM cyc),
+                   (SELECT coalesce(max(rows_read - created - updated - dead_lettered), 0) FROM cyc),
+                   (SELECT coalesce(sum(rows_read - created - updated - dead_lettered), 0) FROM cyc),
+                   (SELECT coalesce(round(avg(duration_ms)::numeric, 1), 0) FROM cyc),
+                   (SELECT coalesce(round(max(duration_ms)::numeric, 1), 0) FROM cyc),
+                   (SELECT count(*) FROM cm.cycle_history WHERE cycle_id > $c0 AND error IS NOT NULL)")
+        set -- $out
+        local secs rows_s
+        secs=$(python3 -c "print(round($t1 - $t0, 2))")
+        rows_s=$(python3 -c "print(round($((q1 - q0)) / ($t1 - $t0)))")
+        record sustained.lag 0 "$((q1 - q0))" \
+            "{\"rate\":\"$rate\",\"seconds\":$secs,\"tps\":${tps:-0},\"rows_per_s\":$rows_s,\"visible\":$1,\"p50_ms\":$2,\"p99_ms\":$3,\"max_ms\":$4,\"cycles\":$5,\"rows_read_per_cycle\":$6,\"reread_per_cycle\":$7,\"reread_max\":$8,\"reread_total\":$9,\"cycle_ms_avg\":${10},\"cycle_ms_max\":${11},\"failed_cycles\":${12},\"drain_s\":$drain,\"not_visible\":$left}" \
+            "$3"
+        say "  rate $rate: $tps tps, $rows_s inserted rows/s for $secs s; lag p50/p99/max $2/$3/$4 ms over $1 rows;" \
+            "$5 cycles (${12} failed), $6 rows read per cycle, re-read per cycle avg $7 max $8 (total $9); cycle avg ${10} ms max ${11} ms; drained in $drain s, $left rows not visible"
+    done
+    worker_off
+    sync_once >/dev/null
+}
+
 # ---------------------------------------------------------------- the run
-if [ "${BENCH_ONLY:-}" = beside ]; then
-    beside_phase "$BESIDE_SIZE"
+if [ -n "$ONLY" ]; then
+    # in the order of the full run
+    only after && after_phase "$NEW_SIZE"
+    only poison && poison_phase "$NEW_SIZE"
+    only beside && beside_phase "$BESIDE_SIZE"
+    only sustained && sustained_phase "$NEW_SIZE"
 else
 set -- $CATCHUP_RUNS
 runs_small=$1 runs_big=$2
@@ -392,6 +674,8 @@ set -- $CATCHUP_SIZES
 size_small=$1 size_big=$2
 catchup "$size_small" "$runs_small"
 incremental "$size_small"
+after_phase "$NEW_SIZE"
+poison_phase "$NEW_SIZE"
 worker_phase
 beside_phase "$BESIDE_SIZE"
 catchup "$size_big" "$runs_big"
@@ -399,6 +683,8 @@ for s in $INCR_SIZES; do
     [ "$s" = "$size_small" ] && continue
     incremental "$s"
 done
+# last: it adds rows to the queue at whatever rate the writer reaches
+sustained_phase "$NEW_SIZE"
 fi
 
 # ---------------------------------------------------------------- report
@@ -424,7 +710,7 @@ meta["build"] = ("installed build used as found (CM_SKIP_BUILD)" if os.environ.g
                  else "built and installed from this checkout")
 meta["settings"] = ["fsync = off", "shared_buffers = 1GB", "work_mem = 64MB", "max_wal_size = 16GB",
                     "consistency_manager.batch_size = 10000 (default)",
-                    "consistency_manager.lookback_window = 2min (default)"]
+                    "consistency_manager.lookback_window = 0 (default)", "track_commit_timestamp = on"]
 json.dump(meta, open(sys.argv[1], "w"))
 PY
 CM_ROOT=$CM_ROOT python3 "$BENCH/report.py" --meta "$WORK/meta.json" --raw "$RAW" --out "$RESULTS"
