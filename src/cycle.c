@@ -59,7 +59,15 @@ typedef struct StagePlan
 	SPIPlanPtr	plan;
 	SPIPlanPtr	unplaceable;	/* rows with a NULL or infinite updated_at */
 	SPIPlanPtr	dead_letters;	/* current rows of the dead letters */
+	TimestampTz unplaceable_read;	/* when this backend last read those rows */
 } StagePlan;
+
+/*
+ * Rows with a NULL or infinite updated_at are looked for once a minute per
+ * source and backend (and at a backend's first cycle), not at every cycle:
+ * an idle cycle then costs one query per source on queue-db.
+ */
+#define CM_UNPLACEABLE_INTERVAL_MS 60000
 
 /* One enabled source, as read at the start of a cycle. */
 typedef struct Source
@@ -102,6 +110,7 @@ typedef struct ServerProbe
 	bool		has_oldest;
 	TimestampTz oldest;			/* min(xact_start) */
 	TimestampTz now;			/* max(query_start): queue-db's clock at the read */
+	bool		recent_commits; /* some session may have committed since the snapshot */
 } ServerProbe;
 
 /*
@@ -144,11 +153,15 @@ static int	max_stage_plans = 0;
  * Poison-row isolation: a set of rows (or accounts) that fails on an error
  * of the data is tried again as CM_SPLIT smaller sets, each in a
  * subtransaction, down to the single rows that fail; those are
- * dead-lettered and everything else applies in the same cycle.  A cycle
+ * dead-lettered and everything else applies in the same cycle.  Sets of
+ * fewer than CM_SPLIT_BINARY_BELOW rows are halved instead: a poison row in
+ * such a set is then found in 2 log2(n) statements rather than about 16 per
+ * level, and each statement has a fixed cost (a plan, a subtransaction).  A cycle
  * that finds more than CM_MAX_ISOLATED failing rows in one source's pass
  * fails instead: so many point to a cause outside the rows.
  */
 #define CM_SPLIT 16
+#define CM_SPLIT_BINARY_BELOW 1024
 #define CM_MAX_ISOLATED 1000
 
 static SPIPlanPtr process_plan = NULL;
@@ -277,8 +290,8 @@ static void
 prepare_fixed_plans(void)
 {
 	Oid			moveargs[2] = {INT4OID, INT2OID};
-	Oid			finishargs[8] = {INT4OID, TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID,
-		TIMESTAMPTZOID, BOOLOID, TIMESTAMPTZOID, INTERVALOID};
+	Oid			finishargs[9] = {INT4OID, TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID,
+		TIMESTAMPTZOID, BOOLOID, TIMESTAMPTZOID, INTERVALOID, BOOLOID};
 	Oid			histargs[15] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
 		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID,
 		INT8OID, INT4OID, TEXTOID};
@@ -292,7 +305,7 @@ prepare_fixed_plans(void)
 	if (deltas_plan == NULL)
 		deltas_plan = prepare_kept(cm_sql_deltas, 0, NULL, 0);
 	if (finish_plan == NULL)
-		finish_plan = prepare_kept(cm_sql_finish_source, 8, finishargs, 0);
+		finish_plan = prepare_kept(cm_sql_finish_source, 9, finishargs, 0);
 	if (clear_plan == NULL)
 		clear_plan = prepare_kept(cm_sql_clear_batch, 0, NULL, 0);
 	if (history_plan == NULL)
@@ -387,7 +400,8 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
  * unified table has a transaction_type column.
  */
 static SPIPlanPtr
-get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_letters)
+get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_letters,
+			   TimestampTz **unplaceable_read)
 {
 	Oid			argtypes[5] = {INT4OID, TIMESTAMPTZOID, INT8OID, INT8OID, TIMESTAMPTZOID};
 	Oid			dlargtypes[3] = {INT4OID, INT8OID, INT8OID};
@@ -408,6 +422,7 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_lett
 	{
 		*unplaceable = sp->unplaceable;
 		*dead_letters = sp->dead_letters;
+		*unplaceable_read = &sp->unplaceable_read;
 		return sp->plan;
 	}
 
@@ -427,6 +442,7 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_lett
 		sp->plan = NULL;
 		sp->unplaceable = NULL;
 		sp->dead_letters = NULL;
+		sp->unplaceable_read = 0;
 	}
 	else if (sp->plan != NULL)
 	{
@@ -465,6 +481,7 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_lett
 	sp->relid = src->relid;
 	*unplaceable = sp->unplaceable;
 	*dead_letters = sp->dead_letters;
+	*unplaceable_read = &sp->unplaceable_read;
 	return sp->plan;
 }
 
@@ -721,6 +738,69 @@ try_step(void (*fn) (void *), void *arg)
 	return failure;
 }
 
+/* The probe statement of one foreign table over pg_stat_activity, kept. */
+typedef struct ProbePlan
+{
+	Oid			relid;
+	bool		with_db;
+	SPIPlanPtr	plan;
+} ProbePlan;
+
+static ProbePlan probe_plans[32];
+static int	n_probe_plans = 0;
+
+/*
+ * get_probe_plan
+ *		The kept statement that asks queue-db, through the foreign table
+ *		relid over its pg_stat_activity, for the start of its oldest open
+ *		transaction, its clock, and whether it hides sessions; with_db
+ *		limits it to the sessions of database $1.
+ */
+static SPIPlanPtr
+get_probe_plan(Oid relid, bool with_db)
+{
+	Oid			argtype[1] = {TEXTOID};
+	int			i;
+	char	   *sql;
+
+	for (i = 0; i < n_probe_plans; i++)
+		if (probe_plans[i].relid == relid && probe_plans[i].with_db == with_db)
+			return probe_plans[i].plan;
+
+	/*
+	 * The session that ran the latest query is taken for this one (its
+	 * snapshot was taken at the start of its transaction, a moment ago);
+	 * another session that began or ended a transaction since then, or
+	 * within a second before, may have committed rows this read cannot see
+	 * yet no longer shows them open (see cm_sql_finish_source).
+	 */
+	sql = psprintf("WITH a AS MATERIALIZED ("
+				   "  SELECT a.backend_type, a.state, a.xact_start, a.query_start, a.state_change"
+				   "    FROM %s a%s),"
+				   " me AS (SELECT a.xact_start, a.query_start FROM a WHERE a.state = 'active'"
+				   "         ORDER BY a.query_start DESC NULLS LAST LIMIT 1)"
+				   " SELECT (SELECT min(a.xact_start) FROM a), (SELECT max(a.query_start) FROM a),"
+				   "        (SELECT count(*) FROM a WHERE a.backend_type IS NULL),"
+				   "        EXISTS (SELECT 1 FROM a, me"
+				   "                 WHERE a.query_start IS DISTINCT FROM me.query_start"
+				   "                   AND greatest(a.state_change, a.xact_start)"
+				   "                       >= least(me.xact_start, me.query_start - interval '1 s'))",
+				   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+											  get_rel_name(relid)),
+				   with_db ? " WHERE a.datname = $1" : "");
+	if (n_probe_plans == lengthof(probe_plans))
+	{
+		/* more servers than slots: forget the oldest plans */
+		for (i = 0; i < n_probe_plans; i++)
+			SPI_freeplan(probe_plans[i].plan);
+		n_probe_plans = 0;
+	}
+	probe_plans[n_probe_plans].relid = relid;
+	probe_plans[n_probe_plans].with_db = with_db;
+	probe_plans[n_probe_plans].plan = prepare_kept(sql, with_db ? 1 : 0, argtype, 0);
+	return probe_plans[n_probe_plans++].plan;
+}
+
 /*
  * probe_server
  *		Ask queue-db, through cm_remote.activity_<server>, for the start of
@@ -730,6 +810,9 @@ try_step(void (*fn) (void *), void *arg)
  *		taken by this very query, so the transactions it shows open are
  *		those whose rows the cycle's reads cannot see.
  *
+ * A session queue-db hides from the remote role (no pg_read_all_stats)
+ * shows no backend_type: then the horizon falls back to lookback_fallback.
+ *
  * Without the foreign table (a source attached before 1.1 whose server was
  * not attached since) or the privilege to read it, the probe is not
  * available and the read falls back to lookback_fallback.
@@ -738,9 +821,8 @@ static void
 probe_server(Source *src)
 {
 	ServerProbe *p = src->probe;
-	StringInfoData sql;
+	SPIPlanPtr	plan;
 	Datum		arg[1];
-	Oid			argtype[1] = {TEXTOID};
 	bool		isnull;
 	HeapTuple	tup;
 	TupleDesc	desc;
@@ -755,20 +837,12 @@ probe_server(Source *src)
 		return;
 	}
 
-	initStringInfo(&sql);
-	appendStringInfo(&sql,
-					 "SELECT min(a.xact_start), max(a.query_start),"
-					 "       count(*) FILTER (WHERE a.backend_type = 'client backend' AND a.state IS NULL)"
-					 "  FROM %s a",
-					 quote_qualified_identifier(get_namespace_name(get_rel_namespace(src->activity_relid)),
-												get_rel_name(src->activity_relid)));
-	if (src->remote_dbname)
-		appendStringInfoString(&sql, " WHERE a.datname = $1");
+	plan = get_probe_plan(src->activity_relid, src->remote_dbname != NULL);
 	arg[0] = src->remote_dbname ? CStringGetTextDatum(src->remote_dbname) : (Datum) 0;
 	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s)",
 					  src->source_id, src->server_name));
-	if (SPI_execute_with_args(sql.data, src->remote_dbname ? 1 : 0, argtype, arg, NULL,
-							  true, 0) != SPI_OK_SELECT || SPI_processed != 1)
+	run_plan(plan, arg, NULL, SPI_OK_SELECT);
+	if (SPI_processed != 1)
 		elog(ERROR, "could not read queue-db's pg_stat_activity for server %s", src->server_name);
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -778,8 +852,8 @@ probe_server(Source *src)
 	if (isnull)
 		p->available = false;	/* not even its own session: nothing to go by */
 	p->visible = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull)) == 0;
+	p->recent_commits = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
 	SPI_freetuptable(SPI_tuptable);
-	pfree(sql.data);
 	p->done = true;
 }
 
@@ -837,6 +911,7 @@ stage_source(Source *src, CmCycleResult *result)
 	SPIPlanPtr	stage;
 	SPIPlanPtr	unplaceable;
 	SPIPlanPtr	dead_letters;
+	TimestampTz *unplaceable_read;
 	Datum		values[5];
 	TimestampTz from;
 	TimestampTz upper;
@@ -913,7 +988,7 @@ stage_source(Source *src, CmCycleResult *result)
 	(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 
-	stage = get_stage_plan(src, &unplaceable, &dead_letters);
+	stage = get_stage_plan(src, &unplaceable, &dead_letters, &unplaceable_read);
 
 	/*
 	 * The phase names the source and its server: cm_health() reads it from
@@ -965,16 +1040,20 @@ stage_source(Source *src, CmCycleResult *result)
 	 * Rows whose updated_at has no place in that order (NULL, infinite)
 	 * would never be read: they are read apart, and dead-lettered.
 	 */
-	run_plan(unplaceable, values, NULL, SPI_OK_SELECT);
+	if (*unplaceable_read == 0 ||
+		TimestampDifferenceExceeds(*unplaceable_read, GetCurrentTimestamp(),
+								   CM_UNPLACEABLE_INTERVAL_MS))
 	{
 		bool		isnull;
 
+		run_plan(unplaceable, values, NULL, SPI_OK_SELECT);
 		result->rows_read += DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 														 SPI_tuptable->tupdesc, 1, &isnull));
 		src->staged[1] += DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 													  SPI_tuptable->tupdesc, 4, &isnull));
+		SPI_freetuptable(SPI_tuptable);
+		*unplaceable_read = GetCurrentTimestamp();
 	}
-	SPI_freetuptable(SPI_tuptable);
 	AtEOXact_GUC(true, save_nestlevel);
 }
 
@@ -1243,8 +1322,8 @@ report_source_failures(Source *sources, int nsources, bool manual, CmCycleResult
 static void
 finish_source(const Source *src)
 {
-	Datum		values[8];
-	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	Datum		values[9];
+	char		nulls[9] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	const ServerProbe *p = src->probe;
 	Interval   *fallback = palloc0(sizeof(Interval));
 
@@ -1268,6 +1347,7 @@ finish_source(const Source *src)
 		nulls[5] = nulls[6] = 'n';
 	fallback->time = (int64) cm_lookback_fallback * INT64CONST(1000);
 	values[7] = IntervalPGetDatum(fallback);
+	values[8] = BoolGetDatum(p->recent_commits || !p->visible);
 	run_plan(finish_plan, values, nulls, SPI_OK_UPDATE);
 }
 
@@ -1367,7 +1447,7 @@ isolate_rows(PassWork *w, ItemPointerData *tids, int n, ErrorData *e)
 		dead_letter_row(w, &tids[0], e);
 		return;
 	}
-	parts = Min(CM_SPLIT, n);
+	parts = n < CM_SPLIT_BINARY_BELOW ? 2 : CM_SPLIT;
 	for (k = 0; k < parts; k++)
 	{
 		int			lo = (int) ((int64) n * k / parts);
@@ -1488,7 +1568,7 @@ isolate_accounts(Datum *accounts, int n, ErrorData *e, Poison *poison, MemoryCon
 		return 1;
 	}
 	w.plan = accounts_subset_plan;
-	parts = Min(CM_SPLIT, n);
+	parts = n < CM_SPLIT_BINARY_BELOW ? 2 : CM_SPLIT;
 	for (k = 0; k < parts; k++)
 	{
 		int			lo = (int) ((int64) n * k / parts);

@@ -644,13 +644,16 @@ const char *cm_sql_deltas =
  * $4 the start of queue-db's oldest transaction open at this read's probe
  * (or its clock less lookback_fallback when it hides other sessions; NULL
  * when not asked), $5 that oldest start when it was seen, $6 whether queue-db
- * showed every session, $7 queue-db's clock at the probe.
+ * showed every session, $7 queue-db's clock at the probe, $8
+ * lookback_fallback, $9 whether some session may have committed between the
+ * read's snapshot and the probe.
  *
- * The horizon stored is no later than the previous probe's clock and its
- * oldest open transaction either: the probe reads pg_stat_activity a moment
- * after the read's snapshot was taken, and a transaction that committed in
- * between is invisible to the read yet no longer listed as open.  Such a
- * transaction started either after the previous probe (so no earlier than its
+ * The probe reads pg_stat_activity a moment after the read's snapshot was
+ * taken, so a transaction that committed in between is invisible to the read
+ * yet no longer listed as open.  When the probe saw a session begin or end a
+ * transaction about then ($9), the horizon stored is no later than the
+ * previous probe's clock and its oldest open transaction either: such a
+ * transaction started after the previous probe (so no earlier than its
  * clock) or before it (so it was listed open then).  Without a previous
  * probe, lookback_fallback stands in for it.
  */
@@ -665,6 +668,7 @@ const char *cm_sql_finish_source =
 	"                      THEN watermark_id ELSE $3 END),\n"
 	"       newest_read = greatest(newest_read, $2),\n"
 	"       read_horizon = CASE WHEN $4::timestamptz IS NULL THEN NULL\n"
+	"                           WHEN NOT $9 THEN $4\n"
 	"                           ELSE least($4, oldest_open_xact,\n"
 	"                                      coalesce(probed_at, $7 - $8::interval)) END,\n"
 	"       oldest_open_xact = $5, horizon_visible = $6, probed_at = $7,\n"

@@ -4,8 +4,8 @@
 # has read.  queue-db is a cluster of its own; the worker polls every
 # 200 ms with no look-back margin (lookback_window = 0, the default) and a
 # fixed fallback window of 1 s, far shorter than the transactions below.
-#  - a cycle right after a catch-up reads 0 rows (the read position is a
-#    keyset: the catch-up's rows share one updated_at);
+#  - once a catch-up is synced, a cycle reads 0 rows (the read position is
+#    a keyset: the catch-up's rows share one updated_at);
 #  - a queue-db transaction that completes a request and stays open for
 #    many times the fallback window while other requests are synced past
 #    it, then commits: its completion is applied, exactly once, because the
@@ -55,11 +55,16 @@ sub sync_now
 ############################################################################
 
 add_requests($queue, 'catchup', 2000, $ACCOUNTS);
-wait_synced($node, $queue, 'catch-up of 2 x 2000 rows, each table in one transaction, while the worker polls')
+wait_synced($node, $queue, 'catch-up of 2 x 2000 rows, each table in one transaction, while the worker polls');
+# the worker's next cycle reads them once more (they committed after the
+# previous cycle's look at queue-db's open transactions: see the horizon);
+# from then on nothing is read again
+my $after = $node->safe_psql('portfolio', 'SELECT cycles FROM cm_stats()');
+$node->poll_query_until('portfolio', 'SELECT cycles > ' . ($after + 1) . ' FROM cm_stats()')
   or diag($node->safe_psql('portfolio', q{SELECT s.*, (SELECT count(*) FROM cm.ledger l WHERE l.source_id = s.source_id) FROM cm.source s})
 	. "\n" . $node->safe_psql('portfolio', q{SELECT * FROM cm.cycle_history ORDER BY cycle_id})
 	. "\n" . $queue->safe_psql('queue', q{SELECT 'inv', min(updated_at), max(updated_at), count(*) FROM investment_queue UNION ALL SELECT 'wd', min(updated_at), max(updated_at), count(*) FROM withdrawal_queue}));
-is(sync_now(), '0/0/0', 'the cycle right after the catch-up reads 0 rows');
+is(sync_now(), '0/0/0', 'a cycle after the catch-up reads 0 rows');
 is( $node->safe_psql('portfolio', q{SELECT string_agg((watermark_id IS NOT NULL)::text, ',') FROM cm.source}),
 	'true,true', 'the read position is (updated_at, queue_id): the 2000 rows of a table share one updated_at');
 
@@ -69,8 +74,10 @@ is( $node->safe_psql('portfolio', q{SELECT string_agg((watermark_id IS NOT NULL)
 
 my $late = $queue->background_psql('queue');
 $late->query_safe('BEGIN');
-$late->query_safe(q{UPDATE investment_queue SET status = 'COMPLETED' WHERE queue_id = 2});  # was PENDING
-my $late_uuid = $queue->safe_psql('queue', 'SELECT uuid FROM investment_queue WHERE queue_id = 2');
+my $late_id = $queue->safe_psql('queue',
+	q{SELECT min(queue_id) FROM investment_queue WHERE status = 'PENDING'});
+my $late_uuid = $queue->safe_psql('queue', "SELECT uuid FROM investment_queue WHERE queue_id = $late_id");
+$late->query_safe(qq{UPDATE investment_queue SET status = 'COMPLETED' WHERE queue_id = $late_id});
 my $cycles = $node->safe_psql('portfolio', 'SELECT cycles FROM cm_stats()');
 for my $round (1 .. 4)
 {
@@ -161,7 +168,8 @@ my $other = $queue->background_psql('queue');
 $other->query_safe('BEGIN; SELECT 1');    # another role's open transaction
 add_requests($queue, 'hidden', 3, $ACCOUNTS);
 wait_synced($node, $queue, 'read as a role without pg_read_all_stats');
-is( $node->safe_psql('portfolio', 'SELECT DISTINCT horizon_visible::text || \'|\' || read_window FROM cm_sources()'),
+is( $node->safe_psql('portfolio',
+		q{SELECT DISTINCT s.horizon_visible::text || '|' || x.read_window FROM cm.source s JOIN cm_sources() x USING (source_id)}),
 	q{false|lookback_fallback (queue-db hides other roles' sessions: grant pg_read_all_stats)},
 	'cm_sources() says the fixed lookback_fallback applies, and what to grant');
 like($node->safe_psql('portfolio', 'SELECT detail FROM cm_health()'),
@@ -169,7 +177,7 @@ like($node->safe_psql('portfolio', 'SELECT detail FROM cm_health()'),
 	'cm_health() says so');
 $queue->safe_psql('queue', 'GRANT pg_read_all_stats TO reader');
 $cycles = $node->safe_psql('portfolio', 'SELECT cycles FROM cm_stats()');
-ok( $node->poll_query_until('portfolio', q{SELECT DISTINCT horizon_visible::text FROM cm_sources()}, 'true'),
+ok( $node->poll_query_until('portfolio', q{SELECT DISTINCT horizon_visible::text FROM cm.source}, 'true'),
 	'with pg_read_all_stats the read window follows queue-db\'s open transactions again');
 $other->query_safe('COMMIT');
 $other->quit;

@@ -15,7 +15,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(38);
+SELECT plan(40);
 
 \ir lib/helpers.sql
 
@@ -173,6 +173,25 @@ SELECT lives_ok('CREATE TEMP TABLE after_failure (x int)',
 SELECT is(pg_temp.sync(),
     'sources=2 rows_read=1 created=0 updated=1 completed_applied=0 compensated=1 dead_lettered=0',
     'the next cycle applies the change');
+
+-- a row-level security policy that refuses one row: that row is dead-lettered -------
+INSERT INTO user_portfolios (accountid) VALUES ('P2');
+ALTER TABLE portfolio_transactions ENABLE ROW LEVEL SECURITY;
+ALTER TABLE portfolio_transactions FORCE ROW LEVEL SECURITY;   -- cm_t_app owns it
+CREATE POLICY cm_t_not_p2 ON portfolio_transactions USING (true) WITH CHECK (accountid <> 'P2');
+INSERT INTO cm_remote.queue_server_investment_queue
+        (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
+VALUES (2, 'P1', 1, 1, 1, 'c0000000-0000-4000-8000-000000000002', 'PENDING', now(), now()),
+       (3, 'P2', 1, 1, 1, 'c0000000-0000-4000-8000-000000000003', 'PENDING', now(), now());
+SELECT is(pg_temp.sync(),
+    'sources=2 rows_read=3 created=1 updated=0 completed_applied=0 compensated=0 dead_lettered=1',
+    'a policy of the application refuses one row, as the sync role: the other applies');
+SELECT alike((SELECT reason FROM cm.dead_letter WHERE queue_id = 3),
+    'new row violates row-level security policy % (SQLSTATE 42501%',
+    'the refused row is a dead letter with the policy''s error');
+DROP POLICY cm_t_not_p2 ON portfolio_transactions;
+ALTER TABLE portfolio_transactions NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE portfolio_transactions DISABLE ROW LEVEL SECURITY;
 
 -- cm_attach_queue checks the role that calls it -----------------------------------
 GRANT EXECUTE ON FUNCTION cm_attach_queue(name, text) TO cm_t_ops;

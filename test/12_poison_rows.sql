@@ -11,7 +11,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(17);
+SELECT plan(20);
 
 \ir lib/helpers.sql
 \ir fixtures/portfolio_strict.sql
@@ -84,6 +84,26 @@ SELECT is((SELECT string_agg(queue_id::text, ',') FROM cm.dead_letter), '902',
 SELECT is(pg_temp.sync(), 'sources=2 rows_read=6 created=0 updated=0 completed_applied=0 compensated=0 dead_lettered=0',
     'and is not counted again');
 
+-- a domain and an exclusion constraint the cycle does not model
+CREATE DOMAIN cm_t_account AS varchar(10) CHECK (VALUE <> 'P5');
+ALTER TABLE portfolio_transactions ALTER COLUMN accountid TYPE cm_t_account;
+ALTER TABLE portfolio_transactions ADD CONSTRAINT one_pending_per_account
+    EXCLUDE USING btree ((accountid::text) WITH =) WHERE (status = 'PENDING');
+INSERT INTO user_portfolios (accountid) VALUES ('P5');
+INSERT INTO cm_remote.queue_server_investment_queue
+        (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
+VALUES (908, 'P5', 1, 1, 1, 'e9000000-0000-4000-8000-000000000908', 'PENDING', now(), now()),
+       (909, 'P4', 1, 1, 1, 'e9000000-0000-4000-8000-000000000909', 'PENDING', now(), now()),
+       (910, 'P4', 1, 1, 1, 'e9000000-0000-4000-8000-000000000910', 'PENDING', now(), now());
+SELECT is(pg_temp.sync(), 'sources=2 rows_read=9 created=1 updated=0 completed_applied=0 compensated=0 dead_lettered=2',
+    'a domain''s CHECK and an exclusion constraint refuse one row each; the third applies');
+SELECT alike((SELECT reason FROM cm.dead_letter WHERE queue_id = 908),
+    'value for domain public.cm_t_account violates check constraint "cm_t_account_check" (SQLSTATE 23514, constraint cm_t_account_check)',
+    'the domain''s refusal is the dead letter''s reason');
+SELECT alike((SELECT reason FROM cm.dead_letter WHERE queue_id = 910),
+    'conflicting key value violates exclusion constraint "one_pending_per_account" (SQLSTATE 23P01, constraint one_pending_per_account of public.portfolio_transactions) DETAIL: %',
+    'the exclusion constraint''s refusal too: the first of the two rows applies, the second is refused');
+
 -- an error that is not the rows' fails the cycle, as before
 CREATE FUNCTION pg_temp.app_unavailable() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -112,7 +132,7 @@ SELECT 10000 + i, 'P4', 1, 1, 1, format('e9100000-0000-4000-8000-%s', lpad(i::te
 SELECT throws_like('SELECT pg_temp.sync()',
     'more than 1000 rows of source % cannot be applied in one cycle: the application refuses every transaction',
     'more than 1000 failing rows fail the cycle');
-SELECT is((SELECT count(*)::int FROM cm.dead_letter), 1, 'and leave the dead letters as they were');
+SELECT is((SELECT count(*)::int FROM cm.dead_letter), 3, 'and leave the dead letters as they were');
 
 SELECT * FROM finish();
 ROLLBACK;

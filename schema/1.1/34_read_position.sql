@@ -40,7 +40,7 @@ BEGIN
     rel := format('cm_remote.%I', 'activity_' || srv);
     IF to_regclass(rel) IS NULL THEN
         EXECUTE format('CREATE FOREIGN TABLE %s (datname name, backend_type text, state text,'
-                       ' xact_start timestamptz, query_start timestamptz) SERVER %I'
+                       ' xact_start timestamptz, query_start timestamptz, state_change timestamptz) SERVER %I'
                        ' OPTIONS (schema_name %L, table_name %L, updatable %L)',
                        rel, server, 'pg_catalog', 'pg_stat_activity', 'false');
         IF NOT EXISTS (SELECT 1 FROM pg_depend d
