@@ -250,8 +250,8 @@ catchup() {
 # ---------------------------------------------------------------- 3+4. incremental, idle
 # Starts from a portfolio in sync with the queue.  The benchmark's own
 # earlier changes (updated "now" by the phases before) are moved back a day
-# in queue-db, with its triggers off, so that the look-back window of the
-# cycle holds only what this phase changes, whatever ran just before.  Then
+# in queue-db, with its triggers off, so that what the cycle reads after its
+# read position holds only what this phase changes, whatever ran just before.  Then
 # one "tick" per queue table (a row touched now) is synced, as in any
 # steady state where the newest change sits inside the window; the idle
 # cycle re-reads those two rows.  The 1k changes (PROCESSING -> COMPLETED,

@@ -98,12 +98,22 @@ sub warnings_for
 		  /WARNING:  consistency_manager could not read source $source /g);
 }
 
+# The WARNINGs for source 3 in the log before a cause is introduced (the
+# worker may meet the cause before check_b_fails runs).
+my $warnings_before_cause = 0;
+
+sub before_cause
+{
+	$warnings_before_cause = warnings_for(3);
+	return;
+}
+
 # Check that source 3 fails with a cause matching $cause, and A syncs.
 sub check_b_fails
 {
 	my ($what, $cause, $sqlstate) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	my $before = warnings_for(3);
+	my $before = $warnings_before_cause;
 	add_both();
 	wait_sources('1, 2', queue_count($qa), "$what: queue-db A");
 	more_cycles();
@@ -121,7 +131,10 @@ sub check_b_fails
 	my $st = stats($node);
 	like($st->{last_error}, $cause, "$what: cm_stats().last_error has the cause");
 	is($st->{consecutive_failures}, '0', "$what: the cycles themselves succeed");
-	is(warnings_for(3) - $before, 1, "$what: one WARNING in the log, not one per cycle");
+	# one WARNING when the error starts, one more if it changes (a server that
+	# is shutting down, then refuses connections), not one per cycle
+	my $logged = warnings_for(3) - $before;
+	ok($logged >= 1 && $logged <= 2, "$what: a WARNING in the log when the error starts, not one per cycle ($logged)");
 	return $reachable;
 }
 
@@ -146,6 +159,7 @@ wait_sources('3, 4', queue_count($qb), 'start');
 # a grant missing on queue-db B
 ############################################################################
 
+before_cause();
 $qb->safe_psql('queue', q{CREATE ROLE reader_b LOGIN PASSWORD 'right'});
 my $hba = $qb->data_dir . '/pg_hba.conf';
 my $rules = slurp_file($hba);
@@ -172,6 +186,7 @@ check_b_recovers('missing grant');
 # a wrong password in the user mapping
 ############################################################################
 
+before_cause();
 $node->safe_psql('portfolio',
 	qq{ALTER USER MAPPING FOR "$user" SERVER queue_b OPTIONS (SET password 'wrong')});
 $reachable = check_b_fails('wrong password', qr/password authentication failed for user "reader_b"/, '08001');
@@ -184,6 +199,7 @@ check_b_recovers('wrong password');
 # queue-db B stopped
 ############################################################################
 
+before_cause();
 $qb->stop;
 $b_up = 0;
 $reachable = check_b_fails('queue-db B stopped', qr/Connection refused/, '08001');
@@ -196,6 +212,7 @@ check_b_recovers('queue-db B stopped');
 # the queue table gone from queue-db B
 ############################################################################
 
+before_cause();
 $qb->safe_psql('queue', 'ALTER TABLE investment_queue RENAME TO investment_queue_old');
 $b_up = 0;
 check_b_fails('queue table renamed', qr/relation "public\.investment_queue" does not exist/, '42P01');
