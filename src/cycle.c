@@ -178,6 +178,7 @@ static SPIPlanPtr history_plan = NULL;
 static SPIPlanPtr source_failed_plan = NULL;
 static SPIPlanPtr stage_tids_plan = NULL;
 static SPIPlanPtr copy_stage_plan = NULL;
+static SPIPlanPtr stage_ids_plan = NULL;
 static SPIPlanPtr dl_staged_plan = NULL;
 static SPIPlanPtr batch_accounts_plan = NULL;
 static SPIPlanPtr accounts_subset_plan = NULL;
@@ -316,6 +317,9 @@ prepare_fixed_plans(void)
 		stage_tids_plan = prepare_kept(cm_sql_stage_tids, 2, passargs, 0);
 	if (copy_stage_plan == NULL)
 		copy_stage_plan = prepare_kept(cm_sql_copy_stage, 1, tidsarg, 0);
+	if (stage_ids_plan == NULL)
+		stage_ids_plan = prepare_kept("SELECT s.ctid, cm.try_uuid(s.uuid)::text FROM cm.stage s"
+									  " WHERE s.ctid = ANY ($1::tid[])", 1, tidsarg, 0);
 	if (dl_staged_plan == NULL)
 		dl_staged_plan = prepare_kept(cm_sql_dead_letter_staged, 2, dlargs, 0);
 	if (batch_accounts_plan == NULL)
@@ -1430,42 +1434,122 @@ dead_letter_row(PassWork *w, ItemPointer tid, const ErrorData *e)
 }
 
 /*
+ * try_row_set
+ *		Apply the n staged rows at tids as one set, in a subtransaction;
+ *		*failure is the error of the data it failed on, or NULL.
+ */
+static void
+try_row_set(PassWork *w, ItemPointerData *tids, int n, ErrorData **failure)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * n);
+	int			j;
+
+	for (j = 0; j < n; j++)
+		elems[j] = PointerGetDatum(&tids[j]);
+	w->tids = PointerGetDatum(construct_array(elems, n, TIDOID,
+											  sizeof(ItemPointerData), false, TYPALIGN_SHORT));
+	set_step("consistency_manager: applying changes (isolating rows that cannot apply)");
+	*failure = try_step(process_row_set, w);
+	pfree(elems);
+}
+
+/*
+ * row_named_by
+ *		The index in tids of the staged row whose uuid (in its canonical
+ *		form, the id of its transaction) the error's DETAIL names, or -1.
+ *		Only a hint: the row is then tried alone, and fails on its own
+ *		error or applies.
+ */
+static int
+row_named_by(ItemPointerData *tids, int n, const ErrorData *e)
+{
+	Datum	   *elems;
+	Datum		arg;
+	int			found = -1;
+	uint64		i;
+	int			j;
+
+	if (e->detail == NULL || strlen(e->detail) < 36)
+		return -1;
+	elems = palloc(sizeof(Datum) * n);
+	for (j = 0; j < n; j++)
+		elems[j] = PointerGetDatum(&tids[j]);
+	arg = PointerGetDatum(construct_array(elems, n, TIDOID, sizeof(ItemPointerData), false,
+										  TYPALIGN_SHORT));
+	run_plan(stage_ids_plan, &arg, NULL, SPI_OK_SELECT);
+	for (i = 0; i < SPI_processed && found < 0; i++)
+	{
+		char	   *id = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2);
+		bool		isnull;
+
+		if (id != NULL && strstr(e->detail, id) != NULL)
+		{
+			ItemPointer tid = (ItemPointer) DatumGetPointer(SPI_getbinval(SPI_tuptable->vals[i],
+																		  SPI_tuptable->tupdesc, 1, &isnull));
+
+			for (j = 0; j < n; j++)
+				if (ItemPointerEquals(tid, &tids[j]))
+					found = j;
+		}
+	}
+	SPI_freetuptable(SPI_tuptable);
+	pfree(elems);
+	return found;
+}
+
+/*
  * isolate_rows
  *		The n staged rows at tids failed together with error e: try them
  *		again as CM_SPLIT sets, each in a subtransaction; a set that fails
  *		is split further, a single row that fails is dead-lettered with its
- *		own error.  One poison row among n costs O(log n) statements.
+ *		own error.  One poison row among n costs O(log n) statements, or
+ *		two when the error names it (row_named_by).
  */
 static void
 isolate_rows(PassWork *w, ItemPointerData *tids, int n, ErrorData *e)
 {
 	int			parts;
 	int			k;
+	int			named;
 
 	if (n == 1)
 	{
 		dead_letter_row(w, &tids[0], e);
 		return;
 	}
+
+	/*
+	 * In a small set, the row the error names (a constraint's "Failing row
+	 * contains (...)" shows its id) is tried alone first, then the others
+	 * together: two statements instead of a descent by halves.
+	 */
+	if (n < CM_SPLIT_BINARY_BELOW && (named = row_named_by(tids, n, e)) >= 0)
+	{
+		ItemPointerData *rest = palloc(sizeof(ItemPointerData) * (n - 1));
+		ErrorData  *failure;
+
+		try_row_set(w, &tids[named], 1, &failure);
+		if (failure != NULL)
+			dead_letter_row(w, &tids[named], failure);
+		memcpy(rest, tids, sizeof(ItemPointerData) * named);
+		memcpy(rest + named, tids + named + 1, sizeof(ItemPointerData) * (n - 1 - named));
+		try_row_set(w, rest, n - 1, &failure);
+		if (failure != NULL)
+			isolate_rows(w, rest, n - 1, failure);
+		pfree(rest);
+		return;
+	}
+
 	parts = n < CM_SPLIT_BINARY_BELOW ? 2 : CM_SPLIT;
 	for (k = 0; k < parts; k++)
 	{
 		int			lo = (int) ((int64) n * k / parts);
 		int			hi = (int) ((int64) n * (k + 1) / parts);
-		Datum	   *elems;
 		ErrorData  *failure;
-		int			j;
 
 		if (hi == lo)
 			continue;
-		elems = palloc(sizeof(Datum) * (hi - lo));
-		for (j = lo; j < hi; j++)
-			elems[j - lo] = PointerGetDatum(&tids[j]);
-		w->tids = PointerGetDatum(construct_array(elems, hi - lo, TIDOID,
-												  sizeof(ItemPointerData), false, TYPALIGN_SHORT));
-		set_step("consistency_manager: applying changes (isolating rows that cannot apply)");
-		failure = try_step(process_row_set, w);
-		pfree(elems);
+		try_row_set(w, tids + lo, hi - lo, &failure);
 		if (failure != NULL)
 			isolate_rows(w, tids + lo, hi - lo, failure);
 	}
