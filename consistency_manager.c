@@ -364,6 +364,7 @@ cm_worker_main(Datum main_arg)
 	for (;;)
 	{
 		long		timeout;
+		bool		behind = false;
 		bool		exists;
 
 		CHECK_FOR_INTERRUPTS();
@@ -403,6 +404,7 @@ cm_worker_main(Datum main_arg)
 			announced_wait = EXTENSION_READY;
 			cm_set_worker_state("running a cycle");
 			failure = run_one_cycle(loop_cxt, &r);
+			behind = failure == NULL && r.ran && r.behind;
 			if (failure == NULL)
 			{
 				if (failures > 0)
@@ -458,6 +460,8 @@ cm_worker_main(Datum main_arg)
 		MemoryContextSwitchTo(TopMemoryContext);
 		if (take_wake_request() && failures == 0)
 			continue;			/* cm_wake() came during the cycle: run again */
+		if (behind && failures == 0)
+			continue;			/* a source is behind (max_rows_per_cycle): go on at once */
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 timeout, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);

@@ -37,6 +37,7 @@ extern char *cm_role;
 extern bool cm_enabled;
 extern int	cm_polling_interval;
 extern int	cm_batch_size;
+extern int	cm_max_rows_per_cycle;
 extern int	cm_lookback_window;
 extern int	cm_lookback_fallback;
 extern int	cm_max_backoff;
@@ -61,6 +62,7 @@ typedef struct CmCycleResult
 	int64		adopted;		/* rows found in portfolio_transactions, taken into the ledger */
 	int64		lock_retries;	/* local phase retried after a deadlock or lock timeout */
 	int32		sources_failed; /* sources whose read failed (the others synced) */
+	bool		behind;			/* a source stopped at max_rows_per_cycle */
 	char	   *source_error;	/* the first of their errors, as cm_error_text */
 	TimestampTz started_at;
 	TimestampTz finished_at;

@@ -916,6 +916,7 @@ stage_source(Source *src, CmCycleResult *result)
 	SPIPlanPtr	unplaceable;
 	SPIPlanPtr	dead_letters;
 	TimestampTz *unplaceable_read;
+	int64		read_here = 0;	/* rows read from this source in this cycle */
 	Datum		values[5];
 	TimestampTz from;
 	TimestampTz upper;
@@ -1016,9 +1017,25 @@ stage_source(Source *src, CmCycleResult *result)
 		bool		isnull;
 		int64		n;
 
+		int64		page = cm_batch_size;
+		int64		staged;
+
+		/*
+		 * A bounded cycle stages at most max_rows_per_cycle rows of a source
+		 * (then commits, and the worker starts the next cycle at once).
+		 */
+		if (cm_max_rows_per_cycle > 0)
+		{
+			if (read_here >= cm_max_rows_per_cycle)
+			{
+				result->behind = true;
+				break;
+			}
+			page = Min(page, cm_max_rows_per_cycle - read_here);
+		}
 		values[1] = TimestampTzGetDatum(from);
 		values[2] = Int64GetDatum(last_id);
-		values[3] = Int64GetDatum((int64) cm_batch_size);
+		values[3] = Int64GetDatum(page);
 		values[4] = TimestampTzGetDatum(upper);
 		run_plan(stage, values, NULL, SPI_OK_SELECT);
 
@@ -1033,10 +1050,13 @@ stage_source(Source *src, CmCycleResult *result)
 			src->newest_read_id = last_id;
 			src->has_newest_read = true;
 		}
-		src->staged[1] += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+		staged = DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+		src->staged[1] += staged;
 		SPI_freetuptable(SPI_tuptable);
 		result->rows_read += n;
-		if (n < cm_batch_size)
+		/* rows read again and already applied do not count against the limit */
+		read_here += staged;
+		if (n < page)
 			break;
 	}
 

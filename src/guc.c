@@ -10,6 +10,8 @@
  */
 #include "postgres.h"
 
+#include <limits.h>
+
 #include "miscadmin.h"
 #include "utils/guc.h"
 
@@ -20,6 +22,7 @@ char	   *cm_role = NULL;
 bool		cm_enabled = true;
 int			cm_polling_interval = 30000;
 int			cm_batch_size = 10000;
+int			cm_max_rows_per_cycle = 0;
 int			cm_lookback_window = 0;
 int			cm_lookback_fallback = 120000;
 int			cm_max_backoff = 300000;
@@ -88,6 +91,16 @@ cm_define_gucs(void)
 							NULL,
 							&cm_batch_size,
 							10000, 1, 1000000,
+							PGC_SUSET,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.max_rows_per_cycle",
+							"Most rows a cycle reads from one source; 0: no limit.",
+							"A backlog larger than this is synced in several cycles, each committed; "
+							"the worker starts the next one at once while a source is behind.",
+							&cm_max_rows_per_cycle,
+							0, 0, INT_MAX,
 							PGC_SUSET,
 							0,
 							NULL, NULL, NULL);
