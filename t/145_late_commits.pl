@@ -108,7 +108,7 @@ check_oracle($node, $queue, 'after the late commit', exact => 1);
 
 $queue->safe_psql('queue', q{
 	INSERT INTO investment_queue (account_number, tier_1, tier_2, tier_3, uuid, status, updated_at)
-	VALUES ('ACC00001', 1, 1, 1, 'f0000000-0000-4000-8000-000000000001', 'PENDING', now() + interval '4 s')});
+	VALUES ('ACC00001', 1, 1, 1, 'f0000000-0000-4000-8000-000000000001', 'PENDING', now() + interval '15 s')});
 usleep(1_000_000);
 $node->safe_psql('portfolio', 'SELECT cm_sync_now()');
 is( $node->safe_psql('portfolio',
