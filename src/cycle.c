@@ -603,17 +603,14 @@ attach_probes(Source *sources, int nsources)
  *		counts to the result, and empty the batch.  The accounts are written
  *		at the end of the cycle, from the factors it left in
  *		cm.batch_account.
- *
- * Returns the newest updated_at among the staged rows (0 when none).
  */
-static TimestampTz
+static void
 process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult *result)
 {
 	Datum		values[4];
 	HeapTuple	tup;
 	TupleDesc	desc;
 	bool		isnull;
-	TimestampTz newest = 0;
 	SPIPlanPtr	accounts;
 	SPIPlanPtr	lock;
 
@@ -631,14 +628,10 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	result->completed_applied += DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
 	result->compensated += DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
 	result->dead_lettered += DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
-	newest = DatumGetTimestampTz(SPI_getbinval(tup, desc, 7, &isnull));
-	if (isnull)
-		newest = 0;
-	result->adopted += DatumGetInt64(SPI_getbinval(tup, desc, 8, &isnull));
+	result->adopted += DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 
 	run_plan(clear_plan, NULL, NULL, SPI_OK_UTILITY);
-	return newest;
 }
 
 /*
@@ -705,11 +698,12 @@ poison_reason(const ErrorData *e)
  * try_step
  *		Run fn(arg) in a subtransaction.  Returns NULL when it succeeded
  *		(the subtransaction is kept), or the error when it failed on an
- *		error of the data (rolled back, see data_error); any other error
- *		propagates.
+ *		error that caught() accepts (rolled back: an error of the data, see
+ *		data_error, or of one source, see source_error_is_its_own); any
+ *		other error propagates.
  */
 static ErrorData *
-try_step(void (*fn) (void *), void *arg)
+try_step(void (*fn) (void *), void *arg, bool (*caught) (const ErrorData *))
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
@@ -734,7 +728,7 @@ try_step(void (*fn) (void *), void *arg)
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
 		CurrentResourceOwner = oldowner;
-		if (!data_error(edata))
+		if (!caught(edata))
 			ReThrowError(edata);
 		failure = edata;
 	}
@@ -1105,6 +1099,21 @@ source_error_is_its_own(const ErrorData *e)
 		category != ERRCODE_TRANSACTION_ROLLBACK;
 }
 
+/* A source to read in a subtransaction (try_stage_source). */
+typedef struct StageWork
+{
+	Source	   *src;
+	CmCycleResult *result;
+} StageWork;
+
+static void
+stage_source_step(void *arg)
+{
+	StageWork  *w = (StageWork *) arg;
+
+	stage_source(w->src, w->result);
+}
+
 /*
  * try_stage_source
  *		stage_source in a subtransaction of its own.  Returns NULL when it
@@ -1118,39 +1127,17 @@ source_error_is_its_own(const ErrorData *e)
 static ErrorData *
 try_stage_source(Source *src, CmCycleResult *result)
 {
-	MemoryContext oldcxt = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
+	StageWork	w = {src, result};
 	int64		rows_read = result->rows_read;
-	ErrorData  *volatile failure = NULL;
+	ErrorData  *failure = try_step(stage_source_step, &w, source_error_is_its_own);
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcxt);
-	PG_TRY();
+	if (failure != NULL)
 	{
-		stage_source(src, result);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-		if (!source_error_is_its_own(edata))
-			ReThrowError(edata);
-		failure = edata;
 		src->staged[0] = src->staged[1] = 0;
 		src->closed = 0;
 		src->has_newest_read = false;
 		result->rows_read = rows_read;
 	}
-	PG_END_TRY();
 	return failure;
 }
 
@@ -1185,6 +1172,32 @@ type_drift_suspect(const Source *src, const ErrorData *e)
 			 (src->last_error[len] == '\0' || strncmp(src->last_error + len, " HINT: ", 7) == 0));
 }
 
+/* A source whose column types to compare with queue-db (reimport_source). */
+typedef struct ReimportWork
+{
+	int32		source_id;
+	char	   *changed;		/* the columns changed, or NULL */
+} ReimportWork;
+
+static void
+reimport_step(void *arg)
+{
+	ReimportWork *w = (ReimportWork *) arg;
+	Datum		sid = Int32GetDatum(w->source_id);
+	Oid			argtype[1] = {INT4OID};
+	Datum		columns;
+	bool		isnull;
+
+	if (SPI_execute_with_args("SELECT pg_catalog.array_to_string(cm.reimport_source($1), ', ')",
+							  1, argtype, &sid, NULL, false, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "could not compare the column types of source %d", w->source_id);
+	columns = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (!isnull && VARSIZE_ANY_EXHDR(DatumGetPointer(columns)) > 0)
+		w->changed = TextDatumGetCString(columns);
+	SPI_freetuptable(SPI_tuptable);
+}
+
 /*
  * reimport_source
  *		Compare the foreign table of a source with its queue table in
@@ -1199,57 +1212,21 @@ type_drift_suspect(const Source *src, const ErrorData *e)
 static char *
 reimport_source(Source *src, ErrorData **e)
 {
-	MemoryContext oldcxt = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	char	   *volatile changed = NULL;
-	Datum		arg[1];
-	Oid			argtype[1] = {INT4OID};
+	ReimportWork w = {src->source_id, NULL};
+	ErrorData  *failure;
 
-	arg[0] = Int32GetDatum(src->source_id);
 	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s): comparing column types",
 					  src->source_id, src->server_name));
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcxt);
-	PG_TRY();
-	{
-		bool		isnull;
-		Datum		columns;
-
-		if (SPI_execute_with_args("SELECT pg_catalog.array_to_string(cm.reimport_source($1), ', ')",
-								  1, argtype, arg, NULL, false, 1) != SPI_OK_SELECT ||
-			SPI_processed != 1)
-			elog(ERROR, "could not compare the column types of source %d", src->source_id);
-		columns = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-		MemoryContextSwitchTo(oldcxt);
-		if (!isnull && VARSIZE_ANY_EXHDR(DatumGetPointer(columns)) > 0)
-			changed = TextDatumGetCString(columns);
-		SPI_freetuptable(SPI_tuptable);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-		if (!source_error_is_its_own(edata))
-			ReThrowError(edata);
+	failure = try_step(reimport_step, &w, source_error_is_its_own);
+	if (failure != NULL)
 		(*e)->hint = psprintf("The cycle compared foreign table %s with queue-db to follow a changed column type, and could not: %s (SQLSTATE %s).  %s",
 							  quote_qualified_identifier(src->table_schema, src->table_name),
-							  edata->message, unpack_sql_state(edata->sqlerrcode),
-							  edata->hint ? edata->hint :
+							  failure->message, unpack_sql_state(failure->sqlerrcode),
+							  failure->hint ? failure->hint :
 							  psprintf("Correct that, then run SELECT cm.reimport_source(%d) as the extension's owner "
 									   "(or drop the foreign table and run cm_attach_queue() again).",
 									   src->source_id));
-	}
-	PG_END_TRY();
-	return changed;
+	return w.changed;
 }
 
 /*
@@ -1384,7 +1361,6 @@ typedef struct PassWork
 	const Poison *poison;
 	CmCycleResult *result;
 	Datum		tids;			/* the staged rows of the set being tried (tid[]) */
-	TimestampTz newest;			/* newest updated_at of the rows applied so far */
 	int			isolated;		/* rows dead-lettered by isolation */
 } PassWork;
 
@@ -1394,13 +1370,11 @@ process_whole_pass(void *arg)
 {
 	PassWork   *w = (PassWork *) arg;
 	Datum		values[2];
-	TimestampTz newest;
 
 	values[0] = Int32GetDatum(w->src->source_id);
 	values[1] = Int16GetDatum((int16) w->pass);
 	run_plan(move_plan, values, NULL, SPI_OK_INSERT);
-	newest = process_batch(w->src->source_id, w->deltas, w->poison, w->result);
-	w->newest = Max(w->newest, newest);
+	process_batch(w->src->source_id, w->deltas, w->poison, w->result);
 }
 
 /* apply_pass, isolating: a set of staged rows, copied from cm.stage. */
@@ -1408,11 +1382,9 @@ static void
 process_row_set(void *arg)
 {
 	PassWork   *w = (PassWork *) arg;
-	TimestampTz newest;
 
 	run_plan(copy_stage_plan, &w->tids, NULL, SPI_OK_INSERT);
-	newest = process_batch(w->src->source_id, w->deltas, w->poison, w->result);
-	w->newest = Max(w->newest, newest);
+	process_batch(w->src->source_id, w->deltas, w->poison, w->result);
 }
 
 /*
@@ -1425,7 +1397,6 @@ dead_letter_row(PassWork *w, ItemPointer tid, const ErrorData *e)
 {
 	Datum		values[2];
 	bool		isnull;
-	TimestampTz updated_at;
 
 	if (++w->isolated > CM_MAX_ISOLATED)
 		ereport(ERROR,
@@ -1445,10 +1416,6 @@ dead_letter_row(PassWork *w, ItemPointer tid, const ErrorData *e)
 	{
 		if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
 			w->result->dead_lettered++;
-		updated_at = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
-													   SPI_tuptable->tupdesc, 2, &isnull));
-		if (!isnull)
-			w->newest = Max(w->newest, updated_at);
 	}
 	SPI_freetuptable(SPI_tuptable);
 }
@@ -1469,7 +1436,7 @@ try_row_set(PassWork *w, ItemPointerData *tids, int n, ErrorData **failure)
 	w->tids = PointerGetDatum(construct_array(elems, n, TIDOID,
 											  sizeof(ItemPointerData), false, TYPALIGN_SHORT));
 	set_step("consistency_manager: applying changes (isolating rows that cannot apply)");
-	*failure = try_step(process_row_set, w);
+	*failure = try_step(process_row_set, w, data_error);
 	pfree(elems);
 }
 
@@ -1603,7 +1570,7 @@ apply_pass(Source *src, int pass, Datum deltas, const Poison *poison, CmCycleRes
 	w.poison = poison;
 	w.result = result;
 
-	failure = try_step(process_whole_pass, &w);
+	failure = try_step(process_whole_pass, &w, data_error);
 	if (failure == NULL)
 		return;
 
@@ -1683,7 +1650,7 @@ isolate_accounts(Datum *accounts, int n, ErrorData *e, Poison *poison, MemoryCon
 			continue;
 		w.accounts = PointerGetDatum(construct_array(accounts + lo, hi - lo, TEXTOID,
 													 -1, false, TYPALIGN_INT));
-		failure = try_step(write_accounts, &w);
+		failure = try_step(write_accounts, &w, data_error);
 		if (failure != NULL)
 			found += isolate_accounts(accounts + lo, hi - lo, failure, poison, poison_cxt);
 	}
@@ -1765,7 +1732,7 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 
 	set_step("consistency_manager: writing accounts");
 	aw.plan = accounts;
-	failure = try_step(write_accounts, &aw);
+	failure = try_step(write_accounts, &aw, data_error);
 	if (failure == NULL)
 		return true;
 

@@ -465,7 +465,6 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.effect = 'apply') AS applied,"
 		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.effect = 'compensate') AS compensated,"
 		"        count(*) FILTER (WHERE f.why IS NOT NULL AND f.fresh) AS dead_lettered,"
-		"        max(f.updated_at) AS max_updated_at,"
 		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.change = 'new' AND f.adopted) AS adopted"
 		"   FROM f",
 		portfolios, transactions, portfolios_oid, transactions_oid);
@@ -666,7 +665,6 @@ const char *cm_sql_finish_source =
 	"                 CASE WHEN $2::timestamptz IS NULL OR (watermark IS NOT NULL AND\n"
 	"                      ($2, $3::bigint) <= (watermark, coalesce(watermark_id, -9223372036854775808)))\n"
 	"                      THEN watermark_id ELSE $3 END),\n"
-	"       newest_read = greatest(newest_read, $2),\n"
 	"       read_horizon = CASE WHEN $4::timestamptz IS NULL THEN NULL\n"
 	"                           WHEN NOT $9 THEN $4\n"
 	"                           ELSE least($4, oldest_open_xact,\n"
@@ -725,7 +723,7 @@ const char *cm_sql_copy_stage =
 /*
  * Dead-letter one staged row that the processing statement cannot apply
  * (isolated by the cycle).  $1 its ctid, $2 the reason.  Returns whether
- * the dead letter is new and the row's updated_at.
+ * the dead letter is new.
  */
 const char *cm_sql_dead_letter_staged =
 	"INSERT INTO cm.dead_letter AS d (source_id, queue_id, uuid, accountid, transaction_type,\n"
@@ -740,7 +738,7 @@ const char *cm_sql_dead_letter_staged =
 	"       created_at = excluded.created_at, updated_at = excluded.updated_at,\n"
 	"       reason = excluded.reason, last_seen = now(),\n"
 	"       attempts = d.attempts + (d.last_seen < now())::int\n"
-	"RETURNING d.xmax = 0, d.updated_at";
+	"RETURNING d.xmax = 0";
 
 /* The accounts the cycle is about to write, in key order. */
 const char *cm_sql_batch_accounts =

@@ -35,9 +35,9 @@ BEGIN
     RETURN array_to_string(errors, '; ');
 END
 $$;
-CREATE FUNCTION pg_temp.set_source_times(wm timestamptz, nr timestamptz, ls timestamptz) RETURNS void
+CREATE FUNCTION pg_temp.set_source_times(wm timestamptz, ls timestamptz) RETURNS void
 LANGUAGE sql AS $$
-    UPDATE cm.source SET watermark = wm, newest_read = nr, last_synced_at = ls
+    UPDATE cm.source SET watermark = wm, last_synced_at = ls
 $$;
 
 INSERT INTO user_portfolios (accountid,
@@ -58,25 +58,25 @@ SELECT results_eq($$SELECT watermark, lag FROM cm_sources() ORDER BY source_id$$
     'never synced: no watermark and no lag');
 
 -- 2. times at +infinity, -infinity and NULL, in every combination that matters
-SELECT pg_temp.set_source_times('infinity', 'infinity', 'infinity');
-SELECT is(pg_temp.monitoring_errors(), '', 'watermark, newest read and last sync at +infinity: every monitoring function answers');
+SELECT pg_temp.set_source_times('infinity', 'infinity');
+SELECT is(pg_temp.monitoring_errors(), '', 'watermark (the newest change read) and last sync at +infinity: every monitoring function answers');
 SELECT results_eq($$SELECT watermark, newest_change, lag FROM cm_sources() ORDER BY source_id LIMIT 1$$,
     $$VALUES ('infinity'::timestamptz, 'infinity'::timestamptz, NULL::interval)$$,
     'cm_sources() shows the infinite times as they are, with no lag');
 SELECT is(cm_status()->'sources'->0->>'watermark', 'infinity', 'cm_status() shows an infinite watermark');
 
-SELECT pg_temp.set_source_times('-infinity', '-infinity', '-infinity');
-SELECT is(pg_temp.monitoring_errors(), '', 'watermark, newest read and last sync at -infinity: every monitoring function answers');
+SELECT pg_temp.set_source_times('-infinity', '-infinity');
+SELECT is(pg_temp.monitoring_errors(), '', 'watermark (the newest change read) and last sync at -infinity: every monitoring function answers');
 SELECT results_eq($$SELECT watermark, lag FROM cm_sources() ORDER BY source_id LIMIT 1$$,
     $$VALUES ('-infinity'::timestamptz, NULL::interval)$$,
     'a last sync at -infinity has no lag');
 
-SELECT pg_temp.set_source_times(NULL, 'infinity', '-infinity');
-SELECT is(pg_temp.monitoring_errors(), '', 'no watermark, newest read at +infinity, last sync at -infinity: every monitoring function answers');
-SELECT pg_temp.set_source_times('-infinity', NULL, 'infinity');
-SELECT is(pg_temp.monitoring_errors(), '', 'watermark at -infinity, no newest read, last sync at +infinity: every monitoring function answers');
+SELECT pg_temp.set_source_times(NULL, '-infinity');
+SELECT is(pg_temp.monitoring_errors(), '', 'no watermark, last sync at -infinity: every monitoring function answers');
+SELECT pg_temp.set_source_times('-infinity', 'infinity');
+SELECT is(pg_temp.monitoring_errors(), '', 'watermark at -infinity, last sync at +infinity: every monitoring function answers');
 
-SELECT pg_temp.set_source_times(now() - interval '1 hour', now(), now() - interval '10 minutes');
+SELECT pg_temp.set_source_times(now() - interval '1 hour', now() - interval '10 minutes');
 SELECT results_eq($$SELECT lag FROM cm_sources() ORDER BY source_id LIMIT 1$$,
     $$VALUES (interval '10 minutes')$$, 'a finite last sync still gives its lag');
 
@@ -97,7 +97,7 @@ SELECT is((SELECT count(*)::int FROM cm_dead_letters() WHERE first_seen = '-infi
     'cm_dead_letters() lists a dead letter with infinite times');
 
 -- 4. and a cycle over such a state still runs -------------------------------
-SELECT pg_temp.set_source_times('-infinity', '-infinity', '-infinity');
+SELECT pg_temp.set_source_times('-infinity', '-infinity');
 SELECT is(pg_temp.sync(),
     'sources=2 rows_read=5 created=5 updated=0 completed_applied=0 compensated=0 dead_lettered=0',
     'a cycle from a watermark at -infinity reads the whole backlog');

@@ -40,7 +40,7 @@ CREATE PROCEDURE bench.reset() LANGUAGE plpgsql AS $$
 BEGIN
     TRUNCATE portfolio_transactions, user_portfolios, cm.ledger, cm.dead_letter, cm.batch;
     INSERT INTO user_portfolios SELECT * FROM bench.portfolios_orig;
-    UPDATE cm.source SET watermark = NULL, watermark_id = NULL, newest_read = NULL, read_horizon = NULL,
+    UPDATE cm.source SET watermark = NULL, watermark_id = NULL, read_horizon = NULL,
                          oldest_open_xact = NULL, horizon_visible = NULL, last_synced_at = NULL;
 END
 $$;

@@ -25,6 +25,7 @@ DECLARE
     lck      record;
     skip_limit interval;
     notes    text[] := '{}';
+    unplaced bigint;
     win      record;
 BEGIN
     SELECT * INTO st FROM @extschema@.cm_stats();
@@ -107,9 +108,10 @@ BEGIN
                                      round(extract(epoch FROM now() - win.oldest) / 60), win.ids);
         END IF;
     END LOOP;
-    IF EXISTS (SELECT 1 FROM cm.dead_letter d WHERE d.reason LIKE 'updated_at is %') THEN
+    SELECT count(*) INTO unplaced FROM cm.dead_letter d WHERE d.reason LIKE 'updated_at is %';
+    IF unplaced > 0 THEN
         notes := notes || format('%s queue rows have no place in the order of updated_at (NULL or infinite): see cm_dead_letters()',
-                                 (SELECT count(*) FROM cm.dead_letter d WHERE d.reason LIKE 'updated_at is %'));
+                                 unplaced);
     END IF;
 
     -- a column type that changed in queue-db, followed by the cycle (35_type_drift.sql): for a day

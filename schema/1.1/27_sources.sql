@@ -2,12 +2,10 @@
  * cm_sources() answers from local state: it opens no connection to
  * queue-db (a dashboard polling it must not hold one connection per
  * foreign server per session, nor wait on a hung remote).  Every cycle
- * records, per source it read successfully, when it read it and the newest
- * updated_at it saw; lag is the time since that read.
+ * records, per source it read successfully, when it read it and its read
+ * position (the newest change read); lag is the time since that read.
  */
 
-ALTER TABLE cm.source ADD COLUMN newest_read timestamptz;
-COMMENT ON COLUMN cm.source.newest_read IS 'newest updated_at the last successful read of this source saw in queue-db';
 COMMENT ON COLUMN cm.source.last_synced_at IS 'start of the last cycle that read this source and applied what it read';
 
 /*
@@ -50,7 +48,7 @@ CREATE FUNCTION @extschema@.cm_sources()
     SET search_path = pg_catalog, pg_temp
     AS $$
         SELECT s.source_id, format('%I.%I', s.table_schema, s.table_name), s.layout, s.enabled,
-               s.watermark, s.last_synced_at, s.newest_read,
+               s.watermark, s.last_synced_at, s.watermark,
                -- never an error, whatever the state: no lag for a time that is not finite
                CASE WHEN isfinite(s.last_synced_at) THEN greatest(now() - s.last_synced_at, interval '0') END,
                (SELECT count(*) FROM cm.dead_letter d WHERE d.source_id = s.source_id),

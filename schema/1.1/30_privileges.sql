@@ -220,6 +220,33 @@ REVOKE ALL ON FUNCTION cm.sync_role_health() FROM PUBLIC;
 
 -- cm_attach_queue() checks its caller -----------------------------------------
 
+/*
+ * The columns of a queue table the sync cycle reads, and the types it can
+ * use for each: cm.attach_queue checks them when it imports a queue table,
+ * cm.reimport_source (35_type_drift.sql) when queue-db changed one.
+ */
+CREATE FUNCTION cm.queue_columns(account_column text, layout text)
+    RETURNS TABLE (col text, types regtype[])
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT r.col, r.types
+          FROM (VALUES
+                ('queue_id', '{smallint,integer,bigint}'::regtype[]),
+                (account_column, '{text,character varying,character}'),
+                ('tier_1', '{numeric,smallint,integer,bigint}'),
+                ('tier_2', '{numeric,smallint,integer,bigint}'),
+                ('tier_3', '{numeric,smallint,integer,bigint}'),
+                ('uuid', '{text,character varying,character,uuid}'),
+                ('status', '{text,character varying,character}'),
+                ('created_at', '{timestamp with time zone,timestamp without time zone}'),
+                ('updated_at', '{timestamp with time zone}'),
+                ('transaction_type', '{text,character varying,character}')) AS r(col, types)
+         WHERE r.col <> 'transaction_type' OR layout = 'unified'
+    $$;
+COMMENT ON FUNCTION cm.queue_columns(text, text) IS 'the columns of a queue table the sync cycle reads, with the types it can use for each (transaction_type in the unified layout only)';
+REVOKE ALL ON FUNCTION cm.queue_columns(text, text) FROM PUBLIC;
+
 CREATE FUNCTION cm.attach_queue(server name, remote_schema text)
     RETURNS TABLE (source_id integer, foreign_table regclass, layout text)
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -262,8 +289,20 @@ BEGIN
                               ('investment_withdrawal_queue', 'unified', 'accountid'))
                       AS v(remote_table, layout, account_column)
     LOOP
-        -- cm_remote.<server>_<table>, with the remote schema when it is not public
-        local := left(concat_ws('_', server, nullif(remote_schema, 'public'), cand.remote_table), 63);
+        -- a queue table attached before keeps its foreign table's name (a second
+        -- call, a restore); a new one gets cm_remote.<server>_<table> (with
+        -- the remote schema when it is not public), made to fit and unique
+        SELECT s.table_name INTO local
+          FROM cm.source s
+         WHERE s.server_name = server AND s.remote_schema = attach_queue.remote_schema
+           AND s.remote_table = cand.remote_table;
+        IF NOT FOUND THEN
+            local := cm.foreign_table_name(server, remote_schema, cand.remote_table, false);
+            IF EXISTS (SELECT 1 FROM cm.source s WHERE s.table_schema = 'cm_remote' AND s.table_name = local)
+               OR to_regclass(format('cm_remote.%I', local)) IS NOT NULL THEN
+                local := cm.foreign_table_name(server, remote_schema, cand.remote_table, true);
+            END IF;
+        END IF;
         IF to_regclass(format('cm_remote.%I', local)) IS NULL THEN
             EXECUTE format('IMPORT FOREIGN SCHEMA %I LIMIT TO (%I) FROM SERVER %I INTO cm_remote',
                            remote_schema, cand.remote_table, server);
@@ -277,18 +316,7 @@ BEGIN
 
         -- every column the cycle reads, with a type it can use
         FOR req IN
-            SELECT * FROM (VALUES
-                ('queue_id', '{smallint,integer,bigint}'::regtype[]),
-                (cand.account_column, '{text,character varying,character}'),
-                ('tier_1', '{numeric,smallint,integer,bigint}'),
-                ('tier_2', '{numeric,smallint,integer,bigint}'),
-                ('tier_3', '{numeric,smallint,integer,bigint}'),
-                ('uuid', '{text,character varying,character,uuid}'),
-                ('status', '{text,character varying,character}'),
-                ('created_at', '{timestamp with time zone,timestamp without time zone}'),
-                ('updated_at', '{timestamp with time zone}'),
-                ('transaction_type', '{text,character varying,character}')) AS r(col, types)
-             WHERE r.col <> 'transaction_type' OR cand.layout = 'unified'
+            SELECT * FROM cm.queue_columns(cand.account_column, cand.layout)
         LOOP
             SELECT a.atttypid::regtype INTO typ
               FROM pg_attribute a
@@ -298,7 +326,7 @@ BEGIN
                                 remote_schema, cand.remote_table, server, req.col
                     USING ERRCODE = 'undefined_column',
                           DETAIL = format('The sync cycle reads %s.', req.col),
-                          HINT = format('Add the column in queue-db, then drop foreign table %s and call cm_attach_queue() again.', ft);
+                          HINT = format('Add the column in queue-db, then run ALTER EXTENSION consistency_manager DROP FOREIGN TABLE %s; DROP FOREIGN TABLE %s; and call cm_attach_queue() again.', ft, ft);
             ELSIF NOT typ = ANY (req.types) THEN
                 RAISE EXCEPTION 'column "%" of queue table %.% has type %, which the sync cycle cannot use',
                                 req.col, remote_schema, cand.remote_table, typ

@@ -81,18 +81,8 @@ BEGIN
           FROM pg_attribute a
           JOIN pg_attribute r ON r.attrelid = fresh::regclass AND r.attname = a.attname
                              AND r.attnum > 0 AND NOT r.attisdropped
-          -- the columns the cycle reads, and the types it can use (as cm.attach_queue checks)
-          LEFT JOIN (VALUES
-                ('queue_id', '{smallint,integer,bigint}'::regtype[]),
-                (src.account_column::text, '{text,character varying,character}'),
-                ('tier_1', '{numeric,smallint,integer,bigint}'),
-                ('tier_2', '{numeric,smallint,integer,bigint}'),
-                ('tier_3', '{numeric,smallint,integer,bigint}'),
-                ('uuid', '{text,character varying,character,uuid}'),
-                ('status', '{text,character varying,character}'),
-                ('created_at', '{timestamp with time zone,timestamp without time zone}'),
-                ('updated_at', '{timestamp with time zone}'),
-                ('transaction_type', '{text,character varying,character}')) AS need(col, types)
+          -- the columns the cycle reads, and the types it can use (30_privileges.sql)
+          LEFT JOIN cm.queue_columns(src.account_column, src.layout) AS need(col, types)
                  ON need.col = a.attname::text
          WHERE a.attrelid = ft AND a.attnum > 0 AND NOT a.attisdropped
            AND (a.atttypid, a.atttypmod) IS DISTINCT FROM (r.atttypid, r.atttypmod)
