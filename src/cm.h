@@ -87,6 +87,8 @@ extern char *cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, 
 extern char *cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid);
 extern const char *cm_sql_move_stage;
 extern const char *cm_sql_clear_stage;
+extern const char *cm_sql_delete_stage;
+extern const char *cm_sql_delete_batch;
 extern char *cm_sql_stage_dead_letters(const char *foreign_table, const char *account_column,
 									   const char *type_expr);
 extern const char *cm_sql_sources;

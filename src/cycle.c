@@ -169,6 +169,19 @@ static SPIPlanPtr accounts_plan = NULL;
 static SPIPlanPtr lock_plan = NULL;
 static SPIPlanPtr move_plan = NULL;
 static SPIPlanPtr clear_stage_plan = NULL;
+static SPIPlanPtr delete_stage_plan = NULL;
+static SPIPlanPtr delete_batch_plan = NULL;
+
+/*
+ * The scratch tables are emptied by DELETE while the rows this backend
+ * deleted from them since it last truncated them stay below this bound,
+ * and truncated past it.  A DELETE keeps every kept plan that reads them
+ * valid (a TRUNCATE gives the tables new files, and the plans are made
+ * again at their next use); the bound keeps what a scan of them reads past
+ * small until autovacuum or the next TRUNCATE removes it.
+ */
+#define CM_SCRATCH_GARBAGE_MAX 20000
+static int64 scratch_garbage = 0;
 static Oid	process_plan_targets[2] = {InvalidOid, InvalidOid};
 static SPIPlanPtr sources_plan = NULL;
 static SPIPlanPtr deltas_plan = NULL;
@@ -328,6 +341,10 @@ prepare_fixed_plans(void)
 		move_plan = prepare_kept(cm_sql_move_stage, 2, moveargs, 0);
 	if (clear_stage_plan == NULL)
 		clear_stage_plan = prepare_kept(cm_sql_clear_stage, 0, NULL, 0);
+	if (delete_stage_plan == NULL)
+		delete_stage_plan = prepare_kept(cm_sql_delete_stage, 0, NULL, 0);
+	if (delete_batch_plan == NULL)
+		delete_batch_plan = prepare_kept(cm_sql_delete_batch, 0, NULL, 0);
 }
 
 /*
@@ -613,6 +630,7 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	bool		isnull;
 	SPIPlanPtr	accounts;
 	SPIPlanPtr	lock;
+	int64		rows;
 
 	values[0] = Int32GetDatum(source_id);
 	values[1] = deltas;
@@ -629,9 +647,16 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	result->compensated += DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
 	result->dead_lettered += DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
 	result->adopted += DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
+	rows = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 
-	run_plan(clear_plan, NULL, NULL, SPI_OK_UTILITY);
+	if (scratch_garbage + rows > CM_SCRATCH_GARBAGE_MAX)
+		run_plan(clear_plan, NULL, NULL, SPI_OK_UTILITY);
+	else
+	{
+		run_plan(delete_batch_plan, NULL, NULL, SPI_OK_DELETE);
+		scratch_garbage += rows;
+	}
 }
 
 /*
@@ -1907,7 +1932,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	int			nsources;
 	Datum		deltas;
 	int			i;
-	bool		staged_any = false;
+	int64		staged = 0;
 	bool		new_failure;
 	CmRoleSwitch sync_role;
 
@@ -1957,7 +1982,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	for (i = 0; i < nsources; i++)
 	{
 		stage_source_alone(&sources[i], result);
-		staged_any |= sources[i].staged[0] + sources[i].staged[1] > 0;
+		staged += sources[i].staged[0] + sources[i].staged[1];
 		result->sources++;
 	}
 	cm_remote_read_end();
@@ -1985,12 +2010,23 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	}
 
 	/*
-	 * Empty the scratch tables only when something was staged: a TRUNCATE
-	 * invalidates every plan that uses them, and an idle cycle would then
-	 * plan its statements afresh each time.
+	 * Empty the scratch tables only when something was staged (an idle
+	 * cycle leaves them as they are), by DELETE up to CM_SCRATCH_GARBAGE_MAX
+	 * rows, by TRUNCATE past it.
 	 */
-	if (staged_any)
-		run_plan(clear_stage_plan, NULL, NULL, SPI_OK_UTILITY);
+	if (staged > 0)
+	{
+		if (scratch_garbage + staged > CM_SCRATCH_GARBAGE_MAX)
+		{
+			run_plan(clear_stage_plan, NULL, NULL, SPI_OK_UTILITY);
+			scratch_garbage = 0;
+		}
+		else
+		{
+			run_plan(delete_stage_plan, NULL, NULL, SPI_OK_DELETE);
+			scratch_garbage += staged;
+		}
+	}
 
 	result->finished_at = GetCurrentTimestamp();
 	result->duration_ms = (double) (result->finished_at - result->started_at) / 1000.0;

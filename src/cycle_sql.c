@@ -686,11 +686,19 @@ const char *cm_sql_source_failed =
 	"       last_error = $2\n"
 	" WHERE source_id = $1";
 
-/* Empty the batch after it was processed (its rows were only ever seen by this cycle). */
+/*
+ * Empty the batch after it was processed (its rows were only ever seen by
+ * this cycle).  A small batch is deleted: a TRUNCATE invalidates every kept
+ * plan that reads the table, and the next cycle would plan them afresh.  A
+ * large one is truncated (see clear_scratch in cycle.c).
+ */
 const char *cm_sql_clear_batch = "TRUNCATE cm.batch";
+const char *cm_sql_delete_batch = "DELETE FROM cm.batch";
 
-/* Empty the staging tables at the end of a cycle. */
-const char *cm_sql_clear_stage = "TRUNCATE cm.stage, cm.batch_account";
+/* Empty the staging tables at the end of a cycle; all of them, when truncating. */
+const char *cm_sql_clear_stage = "TRUNCATE cm.stage, cm.batch, cm.batch_account";
+const char *cm_sql_delete_stage =
+	"WITH s AS (DELETE FROM cm.stage) DELETE FROM cm.batch_account";
 
 /* Record a cycle that did something, and prune what is past retention. */
 const char *cm_sql_history =

@@ -97,7 +97,7 @@ typedef struct CmPrivilege
  * RETURNING, then INSERT), writes cm.ledger, cm.dead_letter (INSERT ... ON
  * CONFLICT DO UPDATE, DELETE) and cm.batch_account, records in
  * cm.discarded the dead letters whose queue row was deleted (INSERT ... ON
- * CONFLICT DO UPDATE), empties the scratch tables with TRUNCATE, and
+ * CONFLICT DO UPDATE), empties the scratch tables with DELETE or TRUNCATE, and
  * appends to (and prunes) cm.cycle_history.  The
  * identity column of cm.cycle_history needs no privilege on its sequence.
  */
@@ -113,8 +113,8 @@ static const struct
 	{"ledger", ACL_SELECT | ACL_INSERT | ACL_UPDATE},
 	{"dead_letter", ACL_SELECT | ACL_INSERT | ACL_UPDATE | ACL_DELETE},
 	{"stage", ACL_SELECT | ACL_INSERT | ACL_DELETE | ACL_TRUNCATE},
-	{"batch", ACL_SELECT | ACL_INSERT | ACL_TRUNCATE},
-	{"batch_account", ACL_SELECT | ACL_INSERT | ACL_TRUNCATE},
+	{"batch", ACL_SELECT | ACL_INSERT | ACL_DELETE | ACL_TRUNCATE},
+	{"batch_account", ACL_SELECT | ACL_INSERT | ACL_DELETE | ACL_TRUNCATE},
 	{"cycle_history", ACL_SELECT | ACL_INSERT | ACL_DELETE},
 	{"discarded", ACL_SELECT | ACL_INSERT | ACL_UPDATE},
 };
