@@ -79,6 +79,7 @@ extern void cm_install_drop_guard(void);
 /* SQL text of the cycle (cycle_sql.c). */
 extern char *cm_sql_stage_page(const char *foreign_table, const char *account_column,
 							   const char *type_expr);
+extern char *cm_sql_count_behind(const char *foreign_table);
 extern char *cm_sql_stage_unplaceable(const char *foreign_table, const char *account_column,
 									  const char *type_expr);
 extern char *cm_sql_process(const char *portfolios, const char *transactions,

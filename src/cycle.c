@@ -59,6 +59,7 @@ typedef struct StagePlan
 	SPIPlanPtr	plan;
 	SPIPlanPtr	unplaceable;	/* rows with a NULL or infinite updated_at */
 	SPIPlanPtr	dead_letters;	/* current rows of the dead letters */
+	SPIPlanPtr	count_behind;	/* rows past a read position (count_behind) */
 	TimestampTz unplaceable_read;	/* when this backend last read those rows */
 } StagePlan;
 
@@ -94,7 +95,20 @@ typedef struct Source
 	struct ServerProbe *probe;	/* what queue-db said of its open transactions */
 	char	   *last_error;		/* cm.source.last_error as the cycle began */
 	ErrorData  *error;			/* why its read failed in this cycle, or NULL */
+	bool		has_rows_behind;
+	int64		rows_behind;	/* cm.source.rows_behind as the cycle began ... */
+	TimestampTz rows_counted_at;	/* ... and when it was last counted */
+	int64		new_rows_behind;	/* after this cycle's read (finish_source) */
+	TimestampTz new_counted_at;
 } Source;
+
+/*
+ * A source that stops at max_rows_per_cycle gets the rows still behind its
+ * read position counted on queue-db (one aggregate, pushed down) when it
+ * has no count yet, when the count is older than this, or when the rows
+ * read since used it up; in between, each cycle subtracts what it read.
+ */
+#define CM_RECOUNT_BEHIND_MS (5 * 60 * 1000)
 
 /*
  * What one server's pg_stat_activity said at the start of its first read in
@@ -225,11 +239,14 @@ static char current_step[NAMEDATALEN * 2 + 64] = "consistency_manager: starting 
  *		Enter a step: show it in pg_stat_activity and remember it for
  *		error reports.
  */
+static int64 progress_rows = 0;	/* rows the running cycle has read so far */
+
 static void
 set_step(const char *step)
 {
 	strlcpy(current_step, step, sizeof(current_step));
 	cm_report_phase(step);
+	cm_stats_progress(step, progress_rows);
 }
 
 /*
@@ -304,8 +321,8 @@ static void
 prepare_fixed_plans(void)
 {
 	Oid			moveargs[2] = {INT4OID, INT2OID};
-	Oid			finishargs[9] = {INT4OID, TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID,
-		TIMESTAMPTZOID, BOOLOID, TIMESTAMPTZOID, INTERVALOID, BOOLOID};
+	Oid			finishargs[11] = {INT4OID, TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID,
+		TIMESTAMPTZOID, BOOLOID, TIMESTAMPTZOID, INTERVALOID, BOOLOID, INT8OID, TIMESTAMPTZOID};
 	Oid			histargs[15] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID, TEXTOID,
 		INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID, FLOAT8OID,
 		INT8OID, INT4OID, TEXTOID};
@@ -319,7 +336,7 @@ prepare_fixed_plans(void)
 	if (deltas_plan == NULL)
 		deltas_plan = prepare_kept(cm_sql_deltas, 0, NULL, 0);
 	if (finish_plan == NULL)
-		finish_plan = prepare_kept(cm_sql_finish_source, 9, finishargs, 0);
+		finish_plan = prepare_kept(cm_sql_finish_source, 11, finishargs, 0);
 	if (clear_plan == NULL)
 		clear_plan = prepare_kept(cm_sql_clear_batch, 0, NULL, 0);
 	if (history_plan == NULL)
@@ -426,6 +443,7 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_lett
 {
 	Oid			argtypes[5] = {INT4OID, TIMESTAMPTZOID, INT8OID, INT8OID, TIMESTAMPTZOID};
 	Oid			dlargtypes[3] = {INT4OID, INT8OID, INT8OID};
+	Oid			countargtypes[3] = {TIMESTAMPTZOID, INT8OID, TIMESTAMPTZOID};
 	const char *type_expr;
 	char	   *sql;
 	StagePlan  *sp = NULL;
@@ -463,6 +481,7 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_lett
 		sp->plan = NULL;
 		sp->unplaceable = NULL;
 		sp->dead_letters = NULL;
+		sp->count_behind = NULL;
 		sp->unplaceable_read = 0;
 	}
 	else if (sp->plan != NULL)
@@ -470,9 +489,11 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_lett
 		SPI_freeplan(sp->plan);
 		SPI_freeplan(sp->unplaceable);
 		SPI_freeplan(sp->dead_letters);
+		SPI_freeplan(sp->count_behind);
 		sp->plan = NULL;
 		sp->unplaceable = NULL;
 		sp->dead_letters = NULL;
+		sp->count_behind = NULL;
 	}
 
 	if (strcmp(src->layout, "investment") == 0)
@@ -499,11 +520,44 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_lett
 															  quote_identifier(src->account_column),
 															  type_expr),
 									3, dlargtypes, 0);
+	sp->count_behind = prepare_kept(cm_sql_count_behind(quote_qualified_identifier(src->table_schema,
+																					src->table_name)),
+									3, countargtypes, 0);
 	sp->relid = src->relid;
 	*unplaceable = sp->unplaceable;
 	*dead_letters = sp->dead_letters;
 	*unplaceable_read = &sp->unplaceable_read;
 	return sp->plan;
+}
+
+/*
+ * count_behind
+ *		How many rows of a source lie past the read position (from, last_id)
+ *		up to queue-db's clock at this read (upper): one count(*) that
+ *		postgres_fdw sends to queue-db, run only while a catch-up stops at
+ *		max_rows_per_cycle (see CM_RECOUNT_BEHIND_MS).
+ */
+static int64
+count_behind(const Source *src, TimestampTz from, int64 last_id, TimestampTz upper)
+{
+	Datum		values[3];
+	bool		isnull;
+	int64		n;
+	int			i;
+
+	for (i = 0; i < n_stage_plans; i++)
+		if (stage_plans[i].source_id == src->source_id)
+			break;
+	Assert(i < n_stage_plans);
+	values[0] = TimestampTzGetDatum(from);
+	values[1] = Int64GetDatum(last_id);
+	values[2] = TimestampTzGetDatum(upper);
+	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s): counting the rows behind",
+					  src->source_id, src->server_name));
+	run_plan(stage_plans[i].count_behind, values, NULL, SPI_OK_SELECT);
+	n = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_freetuptable(SPI_tuptable);
+	return n;
 }
 
 /*
@@ -580,6 +634,13 @@ read_sources(int *count)
 		if (isnull)
 			s->activity_relid = InvalidOid;
 		s->remote_dbname = SPI_getvalue(tup, desc, 13);
+		s->rows_behind = DatumGetInt64(SPI_getbinval(tup, desc, 14, &isnull));
+		s->has_rows_behind = !isnull;
+		s->rows_counted_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 15, &isnull));
+		if (isnull)
+			s->has_rows_behind = false;
+		s->new_rows_behind = s->rows_behind;
+		s->new_counted_at = s->rows_counted_at;
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return sources;
@@ -936,6 +997,8 @@ stage_source(Source *src, CmCycleResult *result)
 	SPIPlanPtr	dead_letters;
 	TimestampTz *unplaceable_read;
 	int64		read_here = 0;	/* rows read from this source in this cycle */
+	int			pages = 0;
+	bool		stopped = false;	/* at max_rows_per_cycle, with rows left */
 	Datum		values[5];
 	TimestampTz from;
 	TimestampTz upper;
@@ -1047,7 +1110,7 @@ stage_source(Source *src, CmCycleResult *result)
 		{
 			if (read_here >= cm_max_rows_per_cycle)
 			{
-				result->behind = true;
+				stopped = true;
 				break;
 			}
 			page = Min(page, cm_max_rows_per_cycle - read_here);
@@ -1056,6 +1119,9 @@ stage_source(Source *src, CmCycleResult *result)
 		values[2] = Int64GetDatum(last_id);
 		values[3] = Int64GetDatum(page);
 		values[4] = TimestampTzGetDatum(upper);
+		if (++pages > 1)
+			set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s): page %d, %lld rows staged",
+							  src->source_id, src->server_name, pages, (long long) read_here));
 		run_plan(stage, values, NULL, SPI_OK_SELECT);
 
 		tup = SPI_tuptable->vals[0];
@@ -1073,11 +1139,38 @@ stage_source(Source *src, CmCycleResult *result)
 		src->staged[1] += staged;
 		SPI_freetuptable(SPI_tuptable);
 		result->rows_read += n;
+		progress_rows = result->rows_read;
 		/* rows read again and already applied do not count against the limit */
 		read_here += staged;
 		if (n < page)
 			break;
 	}
+
+	/*
+	 * The rows still behind: none when the read got to the end; counted, or
+	 * the last count less what was read since, when it stopped at
+	 * max_rows_per_cycle.
+	 */
+	if (!stopped)
+	{
+		src->new_rows_behind = 0;
+		src->new_counted_at = GetCurrentTimestamp();
+	}
+	else if (!src->has_rows_behind || src->rows_behind - read_here <= 0 ||
+			 TimestampDifferenceExceeds(src->rows_counted_at, GetCurrentTimestamp(),
+										CM_RECOUNT_BEHIND_MS))
+	{
+		src->new_rows_behind = count_behind(src, from, last_id, upper);
+		src->new_counted_at = GetCurrentTimestamp();
+	}
+	else
+	{
+		src->new_rows_behind = src->rows_behind - read_here;
+		src->new_counted_at = src->rows_counted_at;
+	}
+	/* a read that stopped just at the last row is not behind */
+	if (stopped && src->new_rows_behind > 0)
+		result->behind = true;
 
 	/*
 	 * Rows whose updated_at has no place in that order (NULL, infinite)
@@ -1348,8 +1441,8 @@ report_source_failures(Source *sources, int nsources, bool manual, CmCycleResult
 static void
 finish_source(const Source *src)
 {
-	Datum		values[9];
-	char		nulls[9] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	Datum		values[11];
+	char		nulls[11] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	const ServerProbe *p = src->probe;
 	Interval   *fallback = palloc0(sizeof(Interval));
 
@@ -1374,6 +1467,10 @@ finish_source(const Source *src)
 	fallback->time = (int64) cm_lookback_fallback * INT64CONST(1000);
 	values[7] = IntervalPGetDatum(fallback);
 	values[8] = BoolGetDatum(p->recent_commits || !p->visible);
+	values[9] = Int64GetDatum(src->new_rows_behind);
+	values[10] = TimestampTzGetDatum(src->new_counted_at);
+	if (src->new_counted_at == 0)
+		nulls[9] = nulls[10] = 'n';
 	run_plan(finish_plan, values, nulls, SPI_OK_UPDATE);
 }
 
@@ -1966,6 +2063,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 		return;
 	result->ran = true;
 	cm_stats_cycle_start();
+	progress_rows = 0;
 	cycle_running = true;
 	/* from here to the history, all of it runs as the sync role (privilege.c) */
 	cm_become_sync_role(&sync_role);
@@ -2147,45 +2245,73 @@ cm_register_connection_release(bool preloaded)
  *		Run a sync cycle now, in the caller's transaction, and say what it
  *		did.  Waits for a cycle the worker is running.  A failure is
  *		counted in this database's cm_stats() before it reaches the caller.
+ *
+ * cm_sync_now(keep_connections, until_caught_up) runs, with until_caught_up,
+ * cycles until none stops at max_rows_per_cycle: every one in the caller's
+ * transaction, so every one reads queue-db's snapshot of the first (postgres_fdw
+ * keeps one remote transaction per local one) and the loop ends.  Its result
+ * sums theirs, with the number of cycles and whether a source is still
+ * behind.
  */
 Datum
 cm_sync_now(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[8];
-	bool		nulls[8] = {0};
+	Datum		values[10];
+	bool		nulls[10] = {0};
 	CmCycleResult r;
+	CmCycleResult sum;
 	MemoryContext cxt = CurrentMemoryContext;
+	bool		until_caught_up = PG_NARGS() > 1 && PG_GETARG_BOOL(1);
+	volatile int32 cycles = 0;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	/* cm_sync_now(keep_connections boolean); the 1.0 form has no argument */
+	/* cm_sync_now(keep_connections boolean, ...); the 1.0 form has no argument */
 	plan_connection_release(PG_NARGS() > 0 && !PG_ARGISNULL(0) && PG_GETARG_BOOL(0));
 
-	cycle_running = false;
-	PG_TRY();
+	memset(&sum, 0, sizeof(sum));
+	do
 	{
-		cm_run_cycle(true, "manual", &r);
-	}
-	PG_CATCH();
-	{
-		/* a cycle that failed counts; a refusal before it started does not */
-		MemoryContextSwitchTo(cxt);
-		if (cycle_running)
-			cm_stats_cycle_failed(CopyErrorData()->message);
+		CHECK_FOR_INTERRUPTS();
 		cycle_running = false;
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
+		PG_TRY();
+		{
+			cm_run_cycle(true, "manual", &r);
+		}
+		PG_CATCH();
+		{
+			/* a cycle that failed counts; a refusal before it started does not */
+			MemoryContextSwitchTo(cxt);
+			if (cycle_running)
+				cm_stats_cycle_failed(CopyErrorData()->message);
+			cycle_running = false;
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+		cycles++;
+		sum.sources = r.sources;
+		sum.rows_read += r.rows_read;
+		sum.created += r.created;
+		sum.updated += r.updated;
+		sum.completed_applied += r.completed_applied;
+		sum.compensated += r.compensated;
+		sum.dead_lettered += r.dead_lettered;
+		sum.duration_ms += r.duration_ms;
+		sum.behind = r.behind;
+	} while (until_caught_up && r.behind && r.rows_read > 0);
 
-	values[0] = Int32GetDatum(r.sources);
-	values[1] = Int64GetDatum(r.rows_read);
-	values[2] = Int64GetDatum(r.created);
-	values[3] = Int64GetDatum(r.updated);
-	values[4] = Int64GetDatum(r.completed_applied);
-	values[5] = Int64GetDatum(r.compensated);
-	values[6] = Int64GetDatum(r.dead_lettered);
-	values[7] = Float8GetDatum(r.duration_ms);
+	values[0] = Int32GetDatum(sum.sources);
+	values[1] = Int64GetDatum(sum.rows_read);
+	values[2] = Int64GetDatum(sum.created);
+	values[3] = Int64GetDatum(sum.updated);
+	values[4] = Int64GetDatum(sum.completed_applied);
+	values[5] = Int64GetDatum(sum.compensated);
+	values[6] = Int64GetDatum(sum.dead_lettered);
+	values[7] = Float8GetDatum(sum.duration_ms);
+	values[8] = Int32GetDatum(cycles);
+	values[9] = BoolGetDatum(sum.behind);
+	Assert(tupdesc->natts == 8 || tupdesc->natts == 10);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }

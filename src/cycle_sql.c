@@ -97,6 +97,20 @@ cm_sql_stage_page(const char *foreign_table, const char *account_column,
 }
 
 /*
+ * The rows of a source past a read position: $1 updated_at and $2 queue_id
+ * of the position, $3 queue-db's clock at the read (as in cm_sql_stage_page).
+ * The count(*) is computed by queue-db (postgres_fdw sends the aggregate).
+ */
+char *
+cm_sql_count_behind(const char *foreign_table)
+{
+	return psprintf("SELECT count(*) FROM %s q"
+					" WHERE q.updated_at >= $1 AND (q.updated_at > $1 OR q.queue_id > $2)"
+					"   AND q.updated_at <= $3",
+					foreign_table);
+}
+
+/*
  * Stage the rows of a source that have no place in the order of updated_at
  * (NULL, infinity, -infinity), so that they become dead letters with a
  * reason rather than never being read.  Same parameters and result as
@@ -627,7 +641,8 @@ const char *cm_sql_sources =
 	"       to_regclass(quote_ident(s.table_schema) || '.' || quote_ident(s.table_name))::oid,"
 	"       s.server_name::text, s.last_error, s.watermark_id, s.read_horizon,"
 	"       to_regclass(format('cm_remote.%I', 'activity_' || fs.oid))::oid,"
-	"       (SELECT substr(o, 8) FROM unnest(fs.srvoptions) o WHERE o LIKE 'dbname=%')"
+	"       (SELECT substr(o, 8) FROM unnest(fs.srvoptions) o WHERE o LIKE 'dbname=%'),"
+	"       s.rows_behind, s.rows_behind_at"
 	"  FROM cm.source s LEFT JOIN pg_catalog.pg_foreign_server fs ON fs.srvname = s.server_name"
 	" WHERE s.enabled ORDER BY s.source_id";
 
@@ -645,7 +660,8 @@ const char *cm_sql_deltas =
  * when not asked), $5 that oldest start when it was seen, $6 whether queue-db
  * showed every session, $7 queue-db's clock at the probe, $8
  * lookback_fallback, $9 whether some session may have committed between the
- * read's snapshot and the probe.
+ * read's snapshot and the probe, $10 the rows still behind the new position
+ * (an estimate: see count_behind in cycle.c) and $11 when they were counted.
  *
  * The probe reads pg_stat_activity a moment after the read's snapshot was
  * taken, so a transaction that committed in between is invisible to the read
@@ -671,6 +687,7 @@ const char *cm_sql_finish_source =
 	"                                      coalesce(probed_at, $7 - $8::interval)) END,\n"
 	"       oldest_open_xact = $5, horizon_visible = $6, probed_at = $7,\n"
 	"       last_synced_at = now(),\n"
+	"       rows_behind = $10, rows_behind_at = $11,\n"
 	"       last_error = NULL, last_error_at = NULL\n"
 	" WHERE source_id = $1";
 

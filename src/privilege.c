@@ -122,7 +122,7 @@ static const struct
 /* The only columns of cm.source the cycle writes (its read position and state). */
 static const char *const cm_source_update_columns[] = {"watermark", "watermark_id",
 	"last_synced_at", "read_horizon", "oldest_open_xact", "horizon_visible", "probed_at", "last_error",
-	"last_error_at"};
+	"last_error_at", "rows_behind", "rows_behind_at"};
 
 /* The functions of schema cm the cycle calls. */
 static const struct

@@ -36,6 +36,7 @@
 #include "storage/latch.h"
 #include "storage/lwlock.h"
 #include "storage/proc.h"
+#include "storage/procarray.h"
 #include "storage/shmem.h"
 #include "utils/backend_status.h"
 #include "utils/builtins.h"
@@ -59,6 +60,7 @@ static bool warned_full = false;
 
 PG_FUNCTION_INFO_V1(cm_stats);
 PG_FUNCTION_INFO_V1(cm_worker_skipping_since);
+PG_FUNCTION_INFO_V1(cm_cycle_progress);
 
 /*
  * shared_state_size
@@ -316,6 +318,34 @@ cm_stats_cycle_start(void)
 	if (db == NULL)
 		return;
 	db->last_cycle_start = GetCurrentTimestamp();
+	db->running_pid = MyProcPid;
+	db->running_rows = 0;
+	strlcpy(db->running_phase, "consistency_manager: starting a cycle", sizeof(db->running_phase));
+	LWLockRelease(cm_shared->lock);
+}
+
+/*
+ * cm_stats_progress
+ *		The running cycle entered a step (a page of a source, the
+ *		processing, the accounts) with rows_read rows read so far.  A step
+ *		is a statement or a page of batch_size rows, so the lock is taken
+ *		rarely.
+ */
+void
+cm_stats_progress(const char *phase, int64 rows_read)
+{
+	CmDatabaseStats *db;
+	int			free_slot;
+
+	if (cm_shared == NULL || !OidIsValid(MyDatabaseId))
+		return;
+	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
+	db = find_database_stats(MyDatabaseId, &free_slot);
+	if (db != NULL && db->running_pid == MyProcPid)
+	{
+		strlcpy(db->running_phase, phase, sizeof(db->running_phase));
+		db->running_rows = rows_read;
+	}
 	LWLockRelease(cm_shared->lock);
 }
 
@@ -348,6 +378,8 @@ cm_stats_cycle_done(const CmCycleResult *r)
 	}
 	db->last_cycle_end = r->finished_at;
 	db->last_cycle_duration_ms = r->duration_ms;
+	db->last_cycle_rows = r->rows_read;
+	db->running_pid = 0;
 	LWLockRelease(cm_shared->lock);
 }
 
@@ -436,6 +468,8 @@ cm_stats_cycle_failed(const char *message)
 	db->consecutive_failures++;
 	strlcpy(db->last_error, message ? message : "unknown error", sizeof(db->last_error));
 	db->last_error_at = GetCurrentTimestamp();
+	if (db->running_pid == MyProcPid)
+		db->running_pid = 0;
 	LWLockRelease(cm_shared->lock);
 }
 
@@ -521,5 +555,49 @@ cm_stats(PG_FUNCTION_ARGS)
 			if (i < worker_cols || i >= worker_cols + 2)
 				nulls[i] = true;
 	}
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
+}
+
+/*
+ * cm.cycle_progress() returns record
+ *		The cycle running now in this database: the backend running it, its
+ *		step, when it started and the rows it has read from queue-db so far;
+ *		and the rows and duration of the last cycle that finished.  The
+ *		running columns are NULL when no cycle runs (or its backend is gone).
+ */
+Datum
+cm_cycle_progress(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[6];
+	bool		nulls[6] = {0};
+	CmDatabaseStats snap;
+	CmDatabaseStats *db;
+	int			free_slot;
+	int			i;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	memset(&snap, 0, sizeof(snap));
+	if (cm_shared != NULL)
+	{
+		LWLockAcquire(cm_shared->lock, LW_SHARED);
+		db = find_database_stats(MyDatabaseId, &free_slot);
+		if (db != NULL)
+			memcpy(&snap, db, sizeof(snap));
+		LWLockRelease(cm_shared->lock);
+	}
+	if (snap.running_pid != 0 && BackendPidGetProc(snap.running_pid) == NULL)
+		snap.running_pid = 0;	/* it ended without saying so (a crash) */
+
+	for (i = 0; i < 4; i++)
+		nulls[i] = snap.running_pid == 0;
+	values[0] = Int32GetDatum(snap.running_pid);
+	values[1] = CStringGetTextDatum(snap.running_phase);
+	values[2] = TimestampTzGetDatum(snap.last_cycle_start);
+	values[3] = Int64GetDatum(snap.running_rows);
+	nulls[4] = nulls[5] = snap.last_cycle_end == 0;
+	values[4] = Int64GetDatum(snap.last_cycle_rows);
+	values[5] = Float8GetDatum(snap.last_cycle_duration_ms);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(BlessTupleDesc(tupdesc), values, nulls)));
 }

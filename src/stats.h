@@ -33,6 +33,12 @@ typedef struct CmDatabaseStats
 	TimestampTz last_cycle_start;
 	TimestampTz last_cycle_end;
 	double		last_cycle_duration_ms;
+	int64		last_cycle_rows;	/* rows read by the last cycle that finished */
+
+	/* the cycle running now in this database (cm_progress()) */
+	pid_t		running_pid;	/* 0: none */
+	int64		running_rows;	/* rows read from queue-db so far */
+	char		running_phase[128]; /* its step, as set_step names it */
 } CmDatabaseStats;
 
 typedef struct CmSharedState
@@ -70,5 +76,6 @@ extern void cm_set_launcher_state(const char *state);
 extern void cm_stats_claim_database(void);
 extern void cm_stats_skipped(void);
 extern void cm_stats_turn_taken(void);
+extern void cm_stats_progress(const char *phase, int64 rows_read);
 
 #endif							/* CM_STATS_H */

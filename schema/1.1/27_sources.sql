@@ -36,6 +36,31 @@ COMMENT ON COLUMN cm.source.oldest_open_xact IS 'start of the oldest other trans
 COMMENT ON COLUMN cm.source.probed_at IS 'queue-db''s clock when the last read asked its pg_stat_activity (the next read''s horizon is no later: see 34_read_position.sql)';
 COMMENT ON COLUMN cm.source.horizon_visible IS 'whether the last read could see every queue-db session''s transaction start (false: the remote role lacks pg_read_all_stats and the fixed lookback_fallback applies)';
 
+/*
+ * The cycle running now in this database and the last one finished, from
+ * shared memory (NULL without shared_preload_libraries): cm_progress() and
+ * cm_sources() read it.
+ */
+CREATE FUNCTION cm.cycle_progress(OUT pid integer, OUT phase text, OUT started_at timestamptz,
+        OUT rows_read bigint, OUT last_cycle_rows bigint, OUT last_cycle_duration_ms double precision)
+    RETURNS record
+    AS 'MODULE_PATHNAME', 'cm_cycle_progress'
+    LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION cm.cycle_progress() IS 'the sync cycle running now in this database (backend, step, start, rows read so far; NULL when none runs) and the rows and duration of the last one finished';
+REVOKE ALL ON FUNCTION cm.cycle_progress() FROM PUBLIC;
+
+/*
+ * Progress of a catch-up read in bounded cycles (max_rows_per_cycle): the
+ * rows still past the read position, counted on queue-db when a cycle stops
+ * at the limit (at most every five minutes) and less the rows read since in
+ * between; 0 once a read gets to the end.
+ */
+ALTER TABLE cm.source
+    ADD COLUMN rows_behind bigint,
+    ADD COLUMN rows_behind_at timestamptz;
+COMMENT ON COLUMN cm.source.rows_behind IS 'rows of queue-db past the read position after the last read: 0 when it read to the end; when it stopped at max_rows_per_cycle, counted on queue-db (at most every 5 minutes) less the rows read since';
+COMMENT ON COLUMN cm.source.rows_behind_at IS 'when rows_behind was last counted (or found to be 0)';
+
 -- new result columns: the 1.0 function is replaced, not altered
 DROP FUNCTION @extschema@.cm_sources();
 CREATE FUNCTION @extschema@.cm_sources()
@@ -43,7 +68,8 @@ CREATE FUNCTION @extschema@.cm_sources()
                    watermark timestamptz, last_synced_at timestamptz,
                    newest_change timestamptz, lag interval, dead_letters bigint,
                    last_error text, failing_since timestamptz,
-                   next_read_from timestamptz, read_window text)
+                   next_read_from timestamptz, read_window text,
+                   rows_behind bigint, eta interval)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
     AS $$
@@ -64,9 +90,15 @@ CREATE FUNCTION @extschema@.cm_sources()
                CASE WHEN s.read_horizon IS NULL THEN 'lookback_fallback (queue-db''s open transactions not read yet)'
                     WHEN NOT s.horizon_visible THEN 'lookback_fallback (queue-db hides other roles'' sessions: grant pg_read_all_stats)'
                     WHEN s.oldest_open_xact < s.watermark THEN 'oldest open queue-db transaction'
-                    ELSE 'read position' END
+                    ELSE 'read position' END,
+               s.rows_behind,
+               -- at the rate of the last cycle that read rows in this database
+               CASE WHEN s.rows_behind > 0 AND p.last_cycle_rows > 0 AND p.last_cycle_duration_ms > 0
+                    THEN make_interval(secs => round(s.rows_behind * p.last_cycle_duration_ms
+                                                     / p.last_cycle_rows / 1000.0)) END
           FROM cm.source s
+          LEFT JOIN cm.cycle_progress() p ON true
          ORDER BY s.source_id
     $$;
 REVOKE ALL ON FUNCTION @extschema@.cm_sources() FROM PUBLIC;
-COMMENT ON FUNCTION @extschema@.cm_sources() IS 'each source with its read position (watermark), the newest change its last read saw, its lag (time since the last cycle that read and applied it; NULL before the first, or when that time is not finite), while its reads fail why and since when, and where its next read starts and what set that; opens no connection to queue-db';
+COMMENT ON FUNCTION @extschema@.cm_sources() IS 'each source with its read position (watermark), the newest change its last read saw, its lag (time since the last cycle that read and applied it; NULL before the first, or when that time is not finite), while its reads fail why and since when, where its next read starts and what set that, the rows still behind its read position (see cm.source.rows_behind) and the time they take at the last cycle''s rate; opens no connection to queue-db';
