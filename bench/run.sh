@@ -25,6 +25,9 @@
 #   9. poison rows: a 100k catch-up with 1 and with 100 rows that a CHECK of
 #      portfolio_transactions refuses, against the same catch-up clean; the
 #      dead letters are checked after every run;
+#  11. bounded cycles: a 1M catch-up (20k quick) in one cycle against the
+#      same in cycles of max_rows_per_cycle rows per source (the default,
+#      100k; 5k quick), each committed (CALL cm_catch_up());
 #  10. sustained load: a queue-db writer committing small transactions for
 #      a minute at a few rates, the worker polling every second: the
 #      commit-to-visible lag of every row (commit timestamps of both sides)
@@ -35,8 +38,9 @@
 #   BENCH_FULL=1 bash bench/run.sh     incremental at 10M rows too (+15-20 min)
 #   BENCH_QUICK=1 bash bench/run.sh    small sizes, a smoke test (about 2 min)
 #   BENCH_ONLY=beside ...              only phase 7 (beside the application);
-#                                      also after, poison, sustained (phases
-#                                      8-10), or several: BENCH_ONLY=after,poison
+#                                      also after, poison, sustained,
+#                                      bounded (phases 8-11), or several:
+#                                      BENCH_ONLY=after,poison
 #   CM_SKIP_BUILD=1 ...                use the installed build
 #   CM_KEEP=1 ...                      keep the cluster directory afterwards
 #
@@ -64,6 +68,7 @@ if [ -n "${BENCH_QUICK:-}" ]; then
     NEW_SIZE=20000; AFTER_RUNS=3; AFTER_IDLE=10
     POISON_RUNS=2; POISON_COUNTS="1 100"
     SUSTAIN_SECS=10; SUSTAIN_RATES="200 500 max"
+    BOUNDED_SIZE=20000; BOUNDED_RUNS=2; BOUNDED_LIMIT=5000
 elif [ -n "${BENCH_FULL:-}" ]; then
     MODE=full
 else
@@ -82,10 +87,11 @@ if [ "$MODE" != quick ]; then
     NEW_SIZE=100000; AFTER_RUNS=5; AFTER_IDLE=20
     POISON_RUNS=3; POISON_COUNTS="1 100"
     SUSTAIN_SECS=${BENCH_SUSTAIN_SECS:-45}; SUSTAIN_RATES=${BENCH_SUSTAIN_RATES:-"200 500 max"}
+    BOUNDED_SIZE=1000000; BOUNDED_RUNS=2; BOUNDED_LIMIT=100000
 fi
 ONLY=${BENCH_ONLY:-}
 for p in ${ONLY//,/ }; do
-    case $p in beside|after|poison|sustained) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained)" >&2; exit 1 ;; esac
+    case $p in beside|after|poison|sustained|bounded) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, bounded)" >&2; exit 1 ;; esac
 done
 only() { [[ ",$ONLY," == *",$1,"* ]]; }
 # a run of some phases writes beside the full run's results, not over them
@@ -171,6 +177,7 @@ as_pg mkdir -p "$WORK"
 CONF=("shared_preload_libraries = 'consistency_manager'"
       "consistency_manager.database = 'portfolio'"
       "consistency_manager.enabled = off"
+      "consistency_manager.max_rows_per_cycle = 0"
       "shared_buffers = 1GB"
       "work_mem = 64MB"
       "maintenance_work_mem = 512MB"
@@ -660,6 +667,36 @@ SQL
     sync_once >/dev/null
 }
 
+# ---------------------------------------------------------------- 11. bounded cycles
+# The same catch-up in one cycle (max_rows_per_cycle = 0, as every other
+# phase runs) and in bounded cycles of BOUNDED_LIMIT rows per source, each
+# committed: CALL cm_catch_up(), which runs them one after the other as the
+# worker does while a source is behind.  Both end with every row synced.
+bounded_phase() {
+    local size=$1 n r out ms cycles
+    say "bounded cycles: $size rows, one cycle against max_rows_per_cycle = $BOUNDED_LIMIT, $BOUNDED_RUNS runs"
+    [ "$(queue_rows)" -ge "$size" ] || grow_queue "$size"
+    n=$(queue_rows)
+    local one=() bnd=() cyc=()
+    for r in $(seq 1 "$BOUNDED_RUNS"); do
+        reset_portfolio
+        set -- $(sync_once)
+        [ "$1" = "$n" ] && [ "$2" = "$n" ] || { echo "bounded: one cycle read $1, created $2 of $n rows" >&2; exit 1; }
+        one+=("$6")
+        reset_portfolio
+        out=$("${PSQL[@]}" -d portfolio -At -c "SET consistency_manager.max_rows_per_cycle = $BOUNDED_LIMIT" \
+                  -c '\timing on' -c "CALL cm_catch_up()" 2>&1)
+        ms=$(printf '%s\n' "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1)
+        cycles=$(printf '%s\n' "$out" | grep -c 'NOTICE:  cycle ')
+        [ "$(val portfolio -c "SELECT count(*) FROM portfolio_transactions")" = "$n" ] ||
+            { echo "bounded: the bounded catch-up did not sync all $n rows" >&2; printf '%s\n' "$out" >&2; exit 1; }
+        bnd+=("$ms"); cyc+=("$cycles")
+        say "  run $r: one cycle ${one[-1]} ms; $cycles bounded cycles ${bnd[-1]} ms"
+    done
+    record bounded.one_cycle "$size" "$n" '{}' "${one[@]}"
+    record bounded.bounded "$size" "$n" "{\"max_rows_per_cycle\":$BOUNDED_LIMIT,\"cycles\":[$(IFS=,; echo "${cyc[*]}")]}" "${bnd[@]}"
+}
+
 # ---------------------------------------------------------------- the run
 if [ -n "$ONLY" ]; then
     # in the order of the full run
@@ -667,6 +704,7 @@ if [ -n "$ONLY" ]; then
     only poison && poison_phase "$NEW_SIZE"
     only beside && beside_phase "$BESIDE_SIZE"
     only sustained && sustained_phase "$NEW_SIZE"
+    only bounded && bounded_phase "$BOUNDED_SIZE"
 else
 set -- $CATCHUP_RUNS
 runs_small=$1 runs_big=$2
@@ -679,6 +717,7 @@ poison_phase "$NEW_SIZE"
 worker_phase
 beside_phase "$BESIDE_SIZE"
 catchup "$size_big" "$runs_big"
+bounded_phase "$BOUNDED_SIZE"
 for s in $INCR_SIZES; do
     [ "$s" = "$size_small" ] && continue
     incremental "$s"
@@ -710,7 +749,9 @@ meta["build"] = ("installed build used as found (CM_SKIP_BUILD)" if os.environ.g
                  else "built and installed from this checkout")
 meta["settings"] = ["fsync = off", "shared_buffers = 1GB", "work_mem = 64MB", "max_wal_size = 16GB",
                     "consistency_manager.batch_size = 10000 (default)",
-                    "consistency_manager.lookback_window = 0 (default)", "track_commit_timestamp = on"]
+                    "consistency_manager.lookback_window = 0 (default)",
+                    "consistency_manager.max_rows_per_cycle = 0 (one cycle per catch-up) but in the bounded-cycles phase",
+                    "track_commit_timestamp = on"]
 json.dump(meta, open(sys.argv[1], "w"))
 PY
 CM_ROOT=$CM_ROOT python3 "$BENCH/report.py" --meta "$WORK/meta.json" --raw "$RAW" --out "$RESULTS"
