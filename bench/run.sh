@@ -193,11 +193,9 @@ pf -f "$CM_ROOT/test/fixtures/portfolio_db.sql" -v port="$PORT" -v accounts="$AC
 
 # ---------------------------------------------------------------- 2. legacy
 # The same rows three ways, each from an empty portfolio: the cycle, the
-# per-row-commit service, the connection-per-row service.
-if [ -z "$ONLY" ]; then
-say "legacy: $LEGACY_ROWS rows, cycle vs row-at-a-time Python"
-grow_queue "$LEGACY_ROWS"
-N=$(queue_rows)
+# per-row-commit service, the connection-per-row service.  Twice: with the
+# benchmark's fast settings (fsync = off), and with the durability a bank
+# deploys (fsync = on, synchronous_commit = on) for every contender.
 legacy() {
     local mode=$1 out secs
     out=$(/usr/bin/time -v /usr/bin/python3 "$BENCH/legacy_sync.py" --mode "$mode" --port "$PORT" 2>&1)
@@ -206,22 +204,39 @@ legacy() {
            awk -F: '{s=0; for (i=1;i<=NF;i++) s=s*60+$i; printf "%.1f\n", s*1000}')
     echo "$secs"
 }
-c_ms=(); b_ms=(); a_ms=()
-for r in $(seq 1 "$LEGACY_RUNS"); do
-    reset_portfolio
-    set -- $(sync_once); [ "$1" = "$N" ] || { echo "cycle read $1 of $N rows" >&2; exit 1; }
-    c_ms+=("$6")
-    reset_portfolio
-    b_ms+=("$(legacy commit-per-row)")
-    if [ "$r" -le "$LEGACY_CONN_RUNS" ]; then
-        reset_portfolio
-        a_ms+=("$(legacy conn-per-row)")
+legacy_phase() {   # legacy_phase fast|durable
+    local durability=$1 r
+    if [ "$durability" = durable ]; then
+        pf -c "ALTER SYSTEM SET fsync = on" -c "ALTER SYSTEM SET synchronous_commit = on" -c "SELECT pg_reload_conf()" >/dev/null
+        sleep 1
     fi
-    say "  run $r: cycle ${c_ms[-1]} ms, commit-per-row ${b_ms[-1]} ms, conn-per-row ${a_ms[-1]:-} ms"
-done
-record legacy.cycle "$N" "$N" '{}' "${c_ms[@]}"
-record legacy.commit_per_row "$N" "$N" '{}' "${b_ms[@]}"
-record legacy.conn_per_row "$N" "$N" '{}' "${a_ms[@]}"
+    say "legacy ($durability: fsync = $(val portfolio -c 'SHOW fsync'), synchronous_commit = $(val portfolio -c 'SHOW synchronous_commit')): $LEGACY_ROWS rows, cycle vs row-at-a-time Python"
+    local c_ms=() b_ms=() a_ms=()
+    for r in $(seq 1 "$LEGACY_RUNS"); do
+        reset_portfolio
+        set -- $(sync_once); [ "$1" = "$N" ] || { echo "cycle read $1 of $N rows" >&2; exit 1; }
+        c_ms+=("$6")
+        reset_portfolio
+        b_ms+=("$(legacy commit-per-row)")
+        if [ "$r" -le "$LEGACY_CONN_RUNS" ]; then
+            reset_portfolio
+            a_ms+=("$(legacy conn-per-row)")
+        fi
+        say "  run $r: cycle ${c_ms[-1]} ms, commit-per-row ${b_ms[-1]} ms, conn-per-row ${a_ms[-1]:-} ms"
+    done
+    record legacy.cycle "$N" "$N" "{\"durability\":\"$durability\"}" "${c_ms[@]}"
+    record legacy.commit_per_row "$N" "$N" "{\"durability\":\"$durability\"}" "${b_ms[@]}"
+    record legacy.conn_per_row "$N" "$N" "{\"durability\":\"$durability\"}" "${a_ms[@]}"
+    if [ "$durability" = durable ]; then
+        pf -c "ALTER SYSTEM RESET fsync" -c "ALTER SYSTEM RESET synchronous_commit" -c "SELECT pg_reload_conf()" >/dev/null
+        sleep 1
+    fi
+}
+if [ -z "$ONLY" ]; then
+grow_queue "$LEGACY_ROWS"
+N=$(queue_rows)
+legacy_phase fast
+legacy_phase durable
 fi
 
 # ---------------------------------------------------------------- 1. catch-up

@@ -22,7 +22,7 @@ char	   *cm_role = NULL;
 bool		cm_enabled = true;
 int			cm_polling_interval = 30000;
 int			cm_batch_size = 10000;
-int			cm_max_rows_per_cycle = 0;
+int			cm_max_rows_per_cycle = 100000;
 int			cm_lookback_window = 0;
 int			cm_lookback_fallback = 120000;
 int			cm_max_backoff = 300000;
@@ -100,7 +100,7 @@ cm_define_gucs(void)
 							"A backlog larger than this is synced in several cycles, each committed; "
 							"the worker starts the next one at once while a source is behind.",
 							&cm_max_rows_per_cycle,
-							0, 0, INT_MAX,
+							100000, 0, INT_MAX,
 							PGC_SUSET,
 							0,
 							NULL, NULL, NULL);
