@@ -392,7 +392,7 @@ BEGIN
                                         queue_value, portfolio_value, diagnosis, amount_at_stake, repairable)
     SELECT run, d.source_id, d.queue_id, d.uuid, d.accountid, 'missing',
            format('%s %s %s', d.accountid, d.transaction_type, d.status), NULL,
-           'dead-lettered: ' || d.reason, d.tier_1 + d.tier_2 + d.tier_3, false
+           'dead-lettered: ' || d.reason, round(d.tier_1 + d.tier_2 + d.tier_3, 2), false
       FROM cm.dead_letter d
      WHERE d.source_id = src.source_id
     ON CONFLICT DO NOTHING;
@@ -587,8 +587,15 @@ BEGIN
             USING ERRCODE = 'no_data_found',
                   HINT = 'See SELECT run_id, started_at, differences FROM cm.reconciliation_run ORDER BY run_id DESC;';
     END IF;
-    SELECT string_agg(format('%s %s (%s)', s.items, s.kind, s.diagnosis), '; ' ORDER BY s.kind, s.items DESC, s.diagnosis)
-      INTO parts FROM @extschema@.cm_reconciliation_summary(x.run_id) s;
+    -- per kind, the diagnoses in short (up to their first colon or parenthesis)
+    SELECT string_agg(format('%s %s (%s)', k.items, k.kind, k.why), '; ' ORDER BY k.kind)
+      INTO parts
+      FROM (SELECT d.kind, sum(d.items) AS items,
+                   string_agg(format('%s %s', d.items, d.short), ', ' ORDER BY d.items DESC, d.short) AS why
+              FROM (SELECT s.kind, btrim(split_part(split_part(s.diagnosis, ' (', 1), ':', 1)) AS short,
+                           sum(s.items) AS items
+                      FROM @extschema@.cm_reconciliation_summary(x.run_id) s GROUP BY 1, 2) d
+             GROUP BY d.kind) k;
     RETURN format('Run %s: %s rows compared in %s s across %s source(s); %s.',
                   x.run_id, to_char(x.rows_compared, 'FM999,999,999,999,990'),
                   to_char(coalesce(x.duration_ms, 0) / 1000, 'FM999,999,990.00'),
