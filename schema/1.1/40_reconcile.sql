@@ -128,6 +128,28 @@ CREATE FUNCTION cm.reconcile_hash_sql(queue_id text, status text, updated_at tex
 COMMENT ON FUNCTION cm.reconcile_hash_sql(text, text, text, text, text, text, text, integer, integer, integer) IS 'SQL text of the row hash of a reconciliation: built-in immutable functions only, so that postgres_fdw ships it';
 REVOKE ALL ON FUNCTION cm.reconcile_hash_sql(text, text, text, text, text, text, text, integer, integer, integer) FROM PUBLIC;
 
+/*
+ * A condition on col that holds for the queue_ids of the given buckets
+ * (bucket b: lo + b * width .. lo + (b + 1) * width - 1): a list of ranges,
+ * neighbours merged, that an index on queue_id answers (on queue-db, its
+ * primary key; here, the ledger's (source_id, queue_id)); for more than 64
+ * ranges, the bucket arithmetic instead.
+ */
+CREATE FUNCTION cm.reconcile_ranges_sql(col text, lo bigint, width bigint, buckets bigint[])
+    RETURNS text
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        WITH b AS (SELECT DISTINCT u AS b FROM unnest(buckets) u),
+             g AS (SELECT b, b - row_number() OVER (ORDER BY b) AS grp FROM b),
+             r AS (SELECT lo + min(b) * width AS a, lo + (max(b) + 1) * width - 1 AS z FROM g GROUP BY grp)
+        SELECT CASE WHEN (SELECT count(*) FROM r) <= 64
+                    THEN '(' || (SELECT string_agg(format('%s BETWEEN %s AND %s', col, r.a, r.z), ' OR ' ORDER BY r.a) FROM r) || ')'
+                    ELSE format('(%s::bigint - %s) / %s = ANY (%L::bigint[])', col, lo, width, buckets) END
+    $$;
+COMMENT ON FUNCTION cm.reconcile_ranges_sql(text, bigint, bigint, bigint[]) IS 'SQL condition of a reconciliation: the queue_ids of some buckets, as index ranges';
+REVOKE ALL ON FUNCTION cm.reconcile_ranges_sql(text, bigint, bigint, bigint[]) FROM PUBLIC;
+
 /* the foreign table of a source, its account column and its type expression */
 CREATE FUNCTION cm.reconcile_source_sql(src cm.source, OUT ft text, OUT acct text, OUT typ text)
     LANGUAGE sql STABLE
@@ -217,7 +239,8 @@ BEGIN
     lo := least(rlo, llo);
     IF lo IS NOT NULL THEN
         width := 1;
-        WHILE width * 32 < greatest(rhi, lhi) - lo + 1 LOOP
+        -- the first level has up to 1,024 buckets, each next one 32 per differing bucket
+        WHILE width * 1024 < greatest(rhi, lhi) - lo + 1 LOOP
             width := width * 32;
         END LOOP;
         parents := NULL;
@@ -238,10 +261,10 @@ BEGIN
                 '   FROM r FULL JOIN l ON l.b = r.b',
                 ft, lo, width, rhash,
                 CASE WHEN parents IS NULL THEN ''
-                     ELSE format('AND (q.queue_id::bigint - %s) / %s = ANY (%L::bigint[])', lo, pwidth, parents) END,
+                     ELSE 'AND ' || cm.reconcile_ranges_sql('q.queue_id', lo, pwidth, parents) END,
                 horizon, lhash, tx, src.source_id,
                 CASE WHEN parents IS NULL THEN ''
-                     ELSE format('AND (l.queue_id - %s) / %s = ANY (%L::bigint[])', lo, pwidth, parents) END,
+                     ELSE 'AND ' || cm.reconcile_ranges_sql('l.queue_id', lo, pwidth, parents) END,
                 leaf_rows,
                 CASE WHEN dead IS NULL THEN '' ELSE format('AND q.queue_id::bigint <> ALL (%L::bigint[])', dead) END,
                 CASE WHEN dead IS NULL THEN '' ELSE format('AND l.queue_id <> ALL (%L::bigint[])', dead) END)
@@ -258,8 +281,8 @@ BEGIN
                     'INSERT INTO cm.reconcile_fetch (run_id, source_id, queue_id, uuid, accountid, transaction_type,'
                     '                                tier_1, tier_2, tier_3, status, updated_at)'
                     ' SELECT %1$s, %2$s, q.queue_id, q.uuid, %3$s, %4$s, q.tier_1, q.tier_2, q.tier_3, q.status, q.updated_at'
-                    '   FROM %5$s q WHERE q.queue_id >= %6$s AND (q.queue_id::bigint - %6$s) / %7$s = ANY (%8$L::bigint[])',
-                    run, src.source_id, acct, typ, ft, lo, width, leaves);
+                    '   FROM %5$s q WHERE %6$s',
+                    run, src.source_id, acct, typ, ft, cm.reconcile_ranges_sql('q.queue_id', lo, width, leaves));
                 GET DIAGNOSTICS n = ROW_COUNT;
                 fetched := fetched + n;
                 remote_queries := remote_queries + 1;
@@ -363,10 +386,23 @@ BEGIN
                                                   queue_value, portfolio_value, diagnosis, amount_at_stake, repairable)
         SELECT %1$s, %2$s, l.queue_id, l.uuid::text, l.accountid, v.kind, v.qv, v.pv,
                coalesce(%3$L, v.diagnosis), abs(p.total_amount), %3$L IS NULL
-          FROM cm.ledger l
-          LEFT JOIN %4$s p ON p.id = l.uuid
-          LEFT JOIN cm.status_map m ON m.queue_status = l.status,
-          LATERAL (SELECT CASE WHEN p.updated_at > l.synced_at
+          FROM (SELECT l.*, p.id AS p_id, p.status AS p_status, p.accountid AS p_accountid,
+                       p.transaction_type AS p_type, p.total_amount AS p_total, p.updated_at AS p_updated_at,
+                       m.portfolio_status
+                  FROM cm.ledger l
+                  LEFT JOIN %4$s p ON p.id = l.uuid
+                  LEFT JOIN cm.status_map m ON m.queue_status = l.status
+                 WHERE l.source_id = %2$s AND l.updated_at <= %5$L::timestamptz
+                   -- one test per row; the few rows that differ are taken apart below
+                   AND (p.id IS NULL OR m.portfolio_status IS DISTINCT FROM p.status
+                        OR l.accountid IS DISTINCT FROM p.accountid::text
+                        OR l.kind IS DISTINCT FROM p.transaction_type::text
+                        OR (l.status = 'COMPLETED') IS DISTINCT FROM l.applied)
+                 OFFSET 0) l,
+          LATERAL (SELECT l.p_id AS id, l.p_status AS status, l.p_accountid AS accountid,
+                          l.p_type AS transaction_type, l.p_total AS total_amount) p,
+          LATERAL (SELECT l.portfolio_status) m,
+          LATERAL (SELECT CASE WHEN l.p_updated_at > l.synced_at
                                THEN 'edited in user-portfolio-db after it was synced (portfolio updated_at later than the ledger''s synced_at)'
                                ELSE 'differs from what the cycle wrote (changed in user-portfolio-db without updated_at)' END AS why) w,
           LATERAL (VALUES
@@ -381,7 +417,7 @@ BEGIN
              CASE WHEN l.applied THEN format('completion still applied while the queue says %%s: never compensated', l.status)
                   ELSE 'completion never applied to the account' END)
           ) v(kind, hit, qv, pv, diagnosis)
-         WHERE l.source_id = %2$s AND l.updated_at <= %5$L::timestamptz AND v.hit
+         WHERE v.hit
            AND NOT EXISTS (SELECT 1 FROM cm.reconcile_range r
                             WHERE r.run_id = %1$s AND r.source_id = %2$s AND l.queue_id BETWEEN r.lo AND r.hi)
         ON CONFLICT DO NOTHING
