@@ -143,7 +143,7 @@ SELECT set_eq($$
      WHERE has_function_privilege('pg_monitor', p.oid, 'EXECUTE')
 $$, $$VALUES ('cm_stats'), ('cm_health'), ('cm_status'), ('cm_sources'), ('cm_tier_deltas'),
              ('cm_dead_letters'), ('cm_cycle_history'), ('cm_cycle_lock'),
-             ('cm_reconciliation_summary'), ('cm_reconciliation_report')$$,
+             ('cm_reconciliation_summary'), ('cm_reconciliation_report'), ('cm_last_reconciliation')$$,
     'pg_monitor may execute exactly the read-only monitoring functions');
 
 SELECT is_empty($$
@@ -183,8 +183,9 @@ $$, $$VALUES ('cm_tier_deltas', 'search_path=pg_catalog, pg_temp'),
              ('cm_reconcile', 'search_path=pg_catalog, pg_temp'),
              ('cm_repair', 'search_path=pg_catalog, pg_temp'),
              ('cm_reconciliation_summary', 'search_path=pg_catalog, pg_temp'),
-             ('cm_reconciliation_report', 'search_path=pg_catalog, pg_temp')$$,
-    'the SECURITY DEFINER cm_* functions are these sixteen, each with search_path = pg_catalog, pg_temp');
+             ('cm_reconciliation_report', 'search_path=pg_catalog, pg_temp'),
+             ('cm_last_reconciliation', 'search_path=pg_catalog, pg_temp')$$,
+    'the SECURITY DEFINER cm_* functions are these seventeen, each with search_path = pg_catalog, pg_temp');
 
 SELECT is(
     (SELECT format('%s %s', l.lanname, p.prosecdef::text) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang

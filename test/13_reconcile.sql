@@ -12,7 +12,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(37);
+SELECT plan(40);
 
 \ir lib/helpers.sql
 
@@ -131,6 +131,11 @@ SELECT matches(cm_reconciliation_report(:run),
     '^Run \d+: 8 rows compared in [0-9.]+ s across 1 source\(s\); 10 difference\(s\): 1 account \(1 edited in user-portfolio-db after it was synced\); .*3 missing \(1 behind the watermark, 1 dead-lettered, 1 deleted from user-portfolio-db after it was synced\); 1 orphan \(1 queue row deleted after it was synced\); .* 1 row\(s\) were changing or not yet synced and were left to the cycle\. Nothing repaired yet: SELECT cm_repair\(\d+\);$',
     'cm_reconciliation_report() tells the story');
 
+SELECT matches((SELECT detail FROM cm_health()),
+    format('reconciliation run %s \(.*\) found 8 unrepaired difference\(s\) between queue-db and user-portfolio-db', :run),
+    'cm_health() reports the unrepaired differences of the last run');
+SELECT is((SELECT run_id FROM cm_last_reconciliation()), :run::bigint, 'cm_last_reconciliation() shows the last run');
+
 -- the tolerance: 1003's tier 1 differs by 0.01
 SELECT run_id AS exact FROM cm_reconcile(:inv) \gset
 SELECT is((SELECT count(*)::int FROM cm.reconciliation_item i
@@ -169,6 +174,8 @@ SELECT results_eq(format('SELECT * FROM pg_temp.items(%s)', :run2), $$VALUES
     ('1005 orphan: queue row deleted after it was synced'),
     ('1006 missing: dead-lettered: account ''NOBODY'' has no row in public.user_portfolios')$$,
     'reconciled again: only the orphan and the dead letter are left');
+SELECT doesnt_match((SELECT detail FROM cm_health()), 'unrepaired difference',
+    'cm_health() says nothing of a last run whose differences are only reported ones');
 SELECT is(pg_temp.account('R3'), 'allocation 1000.00+2000.00+3000.00=6000.00 value 1102.50+2000.00+2430.00=5532.50',
     'and a reconcile with repair => true changes no account');
 

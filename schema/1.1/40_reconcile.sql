@@ -654,3 +654,37 @@ REVOKE ALL ON FUNCTION @extschema@.cm_reconciliation_report(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.cm_reconciliation_summary(bigint),
                           @extschema@.cm_reconciliation_report(bigint) TO pg_monitor;
 GRANT SELECT ON cm.reconciliation_run, cm.reconciliation_item TO pg_monitor;
+
+/*
+ * What cm_health() says of the last reconciliation run: its differences
+ * that cm_repair() could repair and has not, as a problem (the databases
+ * disagree); orphans and dead letters are not repeated here (dead letters
+ * have their own report, cm_dead_letters()).
+ */
+CREATE FUNCTION cm.reconciliation_health()
+    RETURNS text[]
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT coalesce(array_agg(format('reconciliation run %s (%s) found %s unrepaired difference(s) between queue-db and user-portfolio-db: see SELECT cm_reconciliation_report(%s); repair with SELECT cm_repair(%s)',
+                                         x.run_id, x.started_at, u.n, x.run_id, x.run_id)), '{}')
+          FROM (SELECT r.run_id, r.started_at FROM cm.reconciliation_run r
+                 WHERE r.finished_at IS NOT NULL ORDER BY r.run_id DESC LIMIT 1) x,
+               LATERAL (SELECT count(*) AS n FROM cm.reconciliation_item i
+                         WHERE i.run_id = x.run_id AND i.repairable AND NOT i.repaired) u
+         WHERE u.n > 0
+    $$;
+COMMENT ON FUNCTION cm.reconciliation_health() IS 'what cm_health() reports of the last reconciliation run: its repairable differences not repaired yet';
+REVOKE ALL ON FUNCTION cm.reconciliation_health() FROM PUBLIC;
+
+/* the last run, for a dashboard (pg_monitor) */
+CREATE FUNCTION @extschema@.cm_last_reconciliation()
+    RETURNS SETOF cm.reconciliation_run
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT * FROM cm.reconciliation_run ORDER BY run_id DESC LIMIT 1
+    $$;
+COMMENT ON FUNCTION @extschema@.cm_last_reconciliation() IS 'the last reconciliation run (the worker''s, every consistency_manager.reconcile_interval, or a manual one): when, what it compared, its differences and how many are repaired; read-only, for pg_monitor';
+REVOKE ALL ON FUNCTION @extschema@.cm_last_reconciliation() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.cm_last_reconciliation() TO pg_monitor;
