@@ -58,6 +58,8 @@ COMMENT ON COLUMN cm.reconciliation_run.in_flight IS 'rows changed after the rea
 COMMENT ON COLUMN cm.reconciliation_run.remote_queries IS 'statements sent to queue-db (checksum levels, fetches, re-checks)';
 REVOKE ALL ON cm.reconciliation_run FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('cm.reconciliation_run', '');
+-- its identity sequence too, so that a restored database numbers its next run after the restored ones
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('cm.reconciliation_run', 'run_id')::pg_catalog.regclass, '');
 
 CREATE TABLE cm.reconciliation_item (
     run_id          bigint NOT NULL REFERENCES cm.reconciliation_run ON DELETE CASCADE,
@@ -418,6 +420,7 @@ BEGIN
                   ELSE 'completion never applied to the account' END)
           ) v(kind, hit, qv, pv, diagnosis)
          WHERE v.hit
+           AND NOT EXISTS (SELECT 1 FROM cm.dead_letter d WHERE d.source_id = %2$s AND d.queue_id = l.queue_id)
            AND NOT EXISTS (SELECT 1 FROM cm.reconcile_range r
                             WHERE r.run_id = %1$s AND r.source_id = %2$s AND l.queue_id BETWEEN r.lo AND r.hi)
         ON CONFLICT DO NOTHING
