@@ -29,9 +29,10 @@
  * ledger looked at again, and a row that moved meanwhile is in flight too.
  *
  * The hash functions are those of the server's major version and
- * architecture: both sides run PostgreSQL 15 here; cm.reconcile_hash_probe
- * compares the hash of a known value remotely and locally before a run and
- * refuses to compare checksums that would not be equal.
+ * architecture: queue-db and portfolio-db must run the same PostgreSQL major
+ * version on the same architecture, or every range differs (nothing is
+ * reported wrongly then, since rows are compared one by one, but every row
+ * is fetched).  This version does not check it before a run.
  */
 
 CREATE INDEX ledger_source_queue_id ON cm.ledger (source_id, queue_id);
