@@ -10,6 +10,7 @@ OBJS = \
 	src/guc.o \
 	src/launcher.o \
 	src/privilege.o \
+	src/reconcile.o \
 	src/remote.o \
 	src/stats.o \
 	src/tier_math.o \

@@ -453,6 +453,9 @@ cm_worker_main(Datum main_arg)
 				}
 				after_failure(text, started);
 			}
+			/* the periodic reconciliation, never while a source is behind */
+			if (failure == NULL && !behind)
+				cm_worker_reconcile(loop_cxt);
 			cm_set_worker_state(failures > 0 ? "backing off after a failure" : "idle");
 			pgstat_report_activity(STATE_IDLE, "consistency_manager: waiting for the next cycle");
 		}

@@ -314,6 +314,30 @@ def main():
                   "re-read: rows_read − created − updated − dead_lettered of cm.cycle_history)")
         md.append("")
 
+    # 11. reconciliation
+    if "reconcile.diff" in by:
+        res["reconcile"] = []
+        md.append("| reconciliation (ms, median (min – max)) | queue rows | 0 differences | 10 differences | plain full compare | 10 diff. / full | rows fetched (0 / 10 diff.) |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|")
+        for d in sorted(by["reconcile.diff"], key=lambda x: x["size"]):
+            c = next(x for x in by["reconcile.clean"] if x["size"] == d["size"])
+            f = next(x for x in by["reconcile.full_compare"] if x["size"] == d["size"])
+            sd, sc, sf = spread(d["samples"]), spread(c["samples"]), spread(f["samples"])
+            ratio = sd["median"] / sf["median"]
+            fetched, fetched0 = max(d["extra"]["rows_fetched"]), max(c["extra"]["rows_fetched"])
+            res["reconcile"].append({"size": d["size"], "rows": d["rows"], "clean_ms": sc, "diff_ms": sd, "full_compare_ms": sf,
+                                     "over_full": ratio, "rows_fetched": d["extra"]["rows_fetched"],
+                                     "rows_fetched_clean": c["extra"]["rows_fetched"],
+                                     "differences": d["extra"]["differences"], "remote_queries": d["extra"]["remote_queries"]})
+            md.append(f"| {size_label(d['size'])} | {d['rows']:,} | {mmm(sc)} | {mmm(sd)} | {mmm(sf)} | {ratio:.3f}× | {fetched0} / {fetched} |")
+            target(f"reconcile {size_label(d['size'])}, 10 differences ≤ 0.2 × full compare", round(ratio, 3), 0.2, ratio <= 0.2)
+            target(f"reconcile {size_label(d['size'])}, 10 differences: rows fetched ≤ 1 % of the queue", fetched,
+                   d["rows"] // 100, fetched <= d["rows"] // 100)
+            target(f"reconcile {size_label(d['size'])}, 0 differences: rows fetched = 0", fetched0, 0, fetched0 == 0)
+            target(f"reconcile {size_label(d['size'])}: all 10 differences found", min(d["extra"]["differences"]), 10,
+                   min(d["extra"]["differences"]) == 10)
+        md.append("")
+
     md.append("| target | measured | holds |")
     md.append("|---|---:|:---:|")
     for t in targets:

@@ -25,13 +25,16 @@
 #   9. poison rows: a 100k catch-up with 1 and with 100 rows that a CHECK of
 #      portfolio_transactions refuses, against the same catch-up clean; the
 #      dead letters are checked after every run;
-#  11. bounded cycles: a 1M catch-up (20k quick) in one cycle against the
-#      same in cycles of max_rows_per_cycle rows per source (the default,
-#      100k; 5k quick), each committed (CALL cm_catch_up());
 #  10. sustained load: a queue-db writer committing small transactions for
 #      a minute at a few rates, the worker polling every second: the
 #      commit-to-visible lag of every row (commit timestamps of both sides)
-#      and the rows each cycle re-reads.
+#      and the rows each cycle re-reads;
+#  11. bounded cycles: a 1M catch-up (20k quick) in one cycle against the
+#      same in cycles of max_rows_per_cycle rows per source (the default,
+#      100k; 5k quick), each committed (CALL cm_catch_up());
+#  12. reconciliation: cm_reconcile() over a synced 1M-row queue (20k
+#      quick; 10M too with BENCH_FULL) with 0 and 10 differences, against
+#      the plain full compare (FULL JOIN over the foreign tables).
 # Prints a table, and writes bench/results/latest.json and latest.md.
 #
 #   bash bench/run.sh                  default run (about 20 minutes on 2 cores)
@@ -39,7 +42,7 @@
 #   BENCH_QUICK=1 bash bench/run.sh    small sizes, a smoke test (about 2 min)
 #   BENCH_ONLY=beside ...              only phase 7 (beside the application);
 #                                      also after, poison, sustained,
-#                                      bounded (phases 8-11), or several:
+#                                      bounded, reconcile (phases 8-12), or several:
 #                                      BENCH_ONLY=after,poison
 #   CM_SKIP_BUILD=1 ...                use the installed build
 #   CM_KEEP=1 ...                      keep the cluster directory afterwards
@@ -69,6 +72,7 @@ if [ -n "${BENCH_QUICK:-}" ]; then
     POISON_RUNS=2; POISON_COUNTS="1 100"
     SUSTAIN_SECS=10; SUSTAIN_RATES="200 500 max"
     BOUNDED_SIZE=20000; BOUNDED_RUNS=2; BOUNDED_LIMIT=5000
+    RECON_SIZES="20000"; RECON_RUNS=2
 elif [ -n "${BENCH_FULL:-}" ]; then
     MODE=full
 else
@@ -88,10 +92,12 @@ if [ "$MODE" != quick ]; then
     POISON_RUNS=3; POISON_COUNTS="1 100"
     SUSTAIN_SECS=${BENCH_SUSTAIN_SECS:-45}; SUSTAIN_RATES=${BENCH_SUSTAIN_RATES:-"200 500 max"}
     BOUNDED_SIZE=1000000; BOUNDED_RUNS=2; BOUNDED_LIMIT=100000
+    RECON_SIZES="1000000"; RECON_RUNS=3
+    [ "$MODE" = full ] && RECON_SIZES="1000000 10000000"
 fi
 ONLY=${BENCH_ONLY:-}
 for p in ${ONLY//,/ }; do
-    case $p in beside|after|poison|sustained|bounded) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, bounded)" >&2; exit 1 ;; esac
+    case $p in beside|after|poison|sustained|bounded|reconcile) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, bounded, reconcile)" >&2; exit 1 ;; esac
 done
 only() { [[ ",$ONLY," == *",$1,"* ]]; }
 # a run of some phases writes beside the full run's results, not over them
@@ -712,6 +718,66 @@ bounded_phase() {
     record bounded.bounded "$size" "$n" "{\"max_rows_per_cycle\":$BOUNDED_LIMIT,\"cycles\":[$(IFS=,; echo "${cyc[*]}")]}" "${bnd[@]}"
 }
 
+# ---------------------------------------------------------------- 12. reconciliation
+# A synced queue of SIZE rows; cm_reconcile() with no difference (nothing may
+# cross the network), then with 10 differences made in user-portfolio-db
+# (4 amounts, 3 statuses, 3 deleted transactions), against the plain full
+# compare: every queue row through the foreign tables, FULL JOIN
+# portfolio_transactions, counting the rows that differ.  Each run measures
+# the three in that order; the tampered rows are put back after each run.
+reconcile_phase() {
+    local size=$1 n r out
+    say "reconciliation: $size-row queue, 0 and 10 differences vs the plain full compare, $RECON_RUNS runs"
+    [ "$(queue_rows)" -ge "$size" ] || grow_queue "$size"
+    n=$(queue_rows)
+    reset_portfolio
+    until [ "$(set -- $(sync_once); echo "$1")" = 0 ]; do :; done
+    pf -c "VACUUM ANALYZE cm.ledger, portfolio_transactions" >/dev/null
+    local full_sql="SELECT count(*) FROM (SELECT q.uuid::uuid AS id, q.status::text AS status, round(q.tier_1, 2) AS t1,
+                           round(q.tier_2, 2) AS t2, round(q.tier_3, 2) AS t3 FROM cm_remote.queue_server_investment_queue q
+                    UNION ALL SELECT q.uuid::uuid, q.status::text, round(q.tier_1, 2), round(q.tier_2, 2), round(q.tier_3, 2)
+                      FROM cm_remote.queue_server_withdrawal_queue q) q
+                    FULL JOIN portfolio_transactions p ON p.id = q.id
+                   WHERE p.id IS NULL OR q.id IS NULL OR p.status <> (CASE q.status WHEN 'PROCESSING' THEN 'PENDING' ELSE q.status END)
+                      OR abs(p.tier1_change) <> q.t1 OR abs(p.tier2_change) <> q.t2 OR abs(p.tier3_change) <> q.t3"
+    local clean=() cleanf=() diff=() difff=() diffn=() full=() fulln=() rq=()
+    for r in $(seq 1 "$RECON_RUNS"); do
+        out=$("${PSQL[@]}" -d portfolio -At -F ' ' -c '\timing on' \
+              -c "SELECT differences, rows_fetched FROM cm_reconcile()" |
+              awk '/^Time:/ {t=$2} !/^Time:/ {r=$0} END {print r, t}')
+        out="$out $(val portfolio -c "SELECT remote_queries FROM cm.reconciliation_run ORDER BY run_id DESC LIMIT 1")"
+        set -- $out
+        [ "$1" = 0 ] || { echo "reconcile: $1 differences in a synced queue" >&2; exit 1; }
+        clean+=("$3"); cleanf+=("$2")
+        pf -c "CREATE TABLE bench.recon_saved AS
+                 SELECT * FROM portfolio_transactions WHERE id IN (SELECT id FROM portfolio_transactions ORDER BY id LIMIT 10)" \
+           -c "UPDATE portfolio_transactions SET tier1_change = tier1_change + sign(tier1_change) * 1, total_amount = total_amount + sign(tier1_change) * 1
+                WHERE id IN (SELECT id FROM bench.recon_saved ORDER BY id LIMIT 4)" \
+           -c "UPDATE portfolio_transactions SET status = CASE status WHEN 'CANCELLED' THEN 'FAILED' ELSE 'CANCELLED' END
+                WHERE id IN (SELECT id FROM bench.recon_saved ORDER BY id OFFSET 4 LIMIT 3)" \
+           -c "DELETE FROM portfolio_transactions WHERE id IN (SELECT id FROM bench.recon_saved ORDER BY id OFFSET 7)" >/dev/null
+        out=$("${PSQL[@]}" -d portfolio -At -F ' ' -c '\timing on' \
+              -c "SELECT differences, rows_fetched FROM cm_reconcile()" |
+              awk '/^Time:/ {t=$2} !/^Time:/ {r=$0} END {print r, t}')
+        out="$out $(val portfolio -c "SELECT remote_queries FROM cm.reconciliation_run ORDER BY run_id DESC LIMIT 1")"
+        set -- $out
+        diffn+=("$1"); difff+=("$2"); diff+=("$3"); rq+=("$4")
+        out=$("${PSQL[@]}" -d portfolio -At -F ' ' -c '\timing on' -c "$full_sql" |
+              awk '/^Time:/ {t=$2} !/^Time:/ {r=$0} END {print r, t}')
+        set -- $out
+        fulln+=("$1"); full+=("$2")
+        pf -c "DELETE FROM portfolio_transactions WHERE id IN (SELECT id FROM bench.recon_saved)" \
+           -c "INSERT INTO portfolio_transactions SELECT * FROM bench.recon_saved" \
+           -c "DROP TABLE bench.recon_saved" >/dev/null
+        say "  run $r: 0 differences ${clean[-1]} ms (${cleanf[-1]} rows fetched); 10 differences ${diff[-1]} ms" \
+            "(${diffn[-1]} found, ${difff[-1]} rows fetched, ${rq[-1]} remote statements); full compare ${full[-1]} ms (${fulln[-1]} found)"
+    done
+    record reconcile.clean "$size" "$n" "{\"rows_fetched\":[$(IFS=,; echo "${cleanf[*]}")]}" "${clean[@]}"
+    record reconcile.diff "$size" "$n" "{\"differences\":[$(IFS=,; echo "${diffn[*]}")],\"rows_fetched\":[$(IFS=,; echo "${difff[*]}")],\"remote_queries\":[$(IFS=,; echo "${rq[*]}")]}" "${diff[@]}"
+    record reconcile.full_compare "$size" "$n" "{\"differences\":[$(IFS=,; echo "${fulln[*]}")]}" "${full[@]}"
+    pf -c "TRUNCATE cm.reconciliation_run CASCADE" >/dev/null
+}
+
 # ---------------------------------------------------------------- the run
 if [ -n "$ONLY" ]; then
     # in the order of the full run
@@ -720,6 +786,7 @@ if [ -n "$ONLY" ]; then
     only beside && beside_phase "$BESIDE_SIZE"
     only sustained && sustained_phase "$NEW_SIZE"
     only bounded && bounded_phase "$BOUNDED_SIZE"
+    if only reconcile; then for s in $RECON_SIZES; do reconcile_phase "$s"; done; fi
 else
 set -- $CATCHUP_RUNS
 runs_small=$1 runs_big=$2
@@ -737,6 +804,7 @@ for s in $INCR_SIZES; do
     [ "$s" = "$size_small" ] && continue
     incremental "$s"
 done
+for s in $RECON_SIZES; do reconcile_phase "$s"; done
 # last: it adds rows to the queue at whatever rate the writer reaches
 sustained_phase "$NEW_SIZE"
 fi

@@ -45,6 +45,7 @@ extern int	cm_history_retention;
 extern char *cm_portfolio_schema;
 extern int	cm_cycle_timeout;
 extern int	cm_max_databases;
+extern int	cm_reconcile_interval;
 
 extern void cm_define_gucs(void);
 
@@ -136,6 +137,9 @@ extern bool cm_cycle_deadline_expired(void);
 extern void cm_remote_read_begin(void);
 extern void cm_remote_read_end(void);
 extern void cm_remote_check_exit(void);
+
+/* reconcile.c */
+extern void cm_worker_reconcile(MemoryContext cxt);
 extern bool cm_remote_exit_requested(void);
 
 /* The background workers: the sync worker (consistency_manager.c) and the

@@ -30,6 +30,7 @@ int			cm_history_retention = 7 * 24 * 3600;
 int			cm_cycle_timeout = 600000;
 char	   *cm_portfolio_schema = NULL;
 int			cm_max_databases = 32;
+int			cm_reconcile_interval = 0;
 
 /*
  * cm_define_gucs
@@ -84,6 +85,16 @@ cm_define_gucs(void)
 							30000, 100, 24 * 3600 * 1000,
 							PGC_SIGHUP,
 							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.reconcile_interval",
+							"Time between the background worker's reconciliations (cm_reconcile()); 0: none.",
+							"Counted from the start of the last run, the worker's or a manual one; the run is "
+							"made after a cycle, in a transaction of its own, and never holds the cycle lock.",
+							&cm_reconcile_interval,
+							0, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("consistency_manager.batch_size",

@@ -142,7 +142,8 @@ SELECT set_eq($$
       JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'consistency_manager'
      WHERE has_function_privilege('pg_monitor', p.oid, 'EXECUTE')
 $$, $$VALUES ('cm_stats'), ('cm_health'), ('cm_status'), ('cm_sources'), ('cm_tier_deltas'),
-             ('cm_dead_letters'), ('cm_cycle_history'), ('cm_cycle_lock'), ('cm_progress')$$,
+             ('cm_dead_letters'), ('cm_cycle_history'), ('cm_cycle_lock'), ('cm_progress'),
+             ('cm_reconciliation_summary'), ('cm_reconciliation_report'), ('cm_last_reconciliation')$$,
     'pg_monitor may execute exactly the read-only monitoring functions');
 
 SELECT is_empty($$
@@ -179,8 +180,13 @@ $$, $$VALUES ('cm_tier_deltas', 'search_path=pg_catalog, pg_temp'),
              ('cm_discard_dead_letter', 'search_path=pg_catalog, pg_temp'),
              ('cm_discard_dead_letters', 'search_path=pg_catalog, pg_temp'),
              ('cm_cycle_lock', 'search_path=pg_catalog, pg_temp'),
+             ('cm_reconcile', 'search_path=pg_catalog, pg_temp'),
+             ('cm_repair', 'search_path=pg_catalog, pg_temp'),
+             ('cm_reconciliation_summary', 'search_path=pg_catalog, pg_temp'),
+             ('cm_reconciliation_report', 'search_path=pg_catalog, pg_temp'),
+             ('cm_last_reconciliation', 'search_path=pg_catalog, pg_temp'),
              ('cm_progress', 'search_path=pg_catalog, pg_temp')$$,
-    'the SECURITY DEFINER cm_* functions are these thirteen, each with search_path = pg_catalog, pg_temp');
+    'the SECURITY DEFINER cm_* functions are these eighteen, each with search_path = pg_catalog, pg_temp');
 
 SELECT is(
     (SELECT format('%s %s', l.lanname, p.prosecdef::text) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang

@@ -126,6 +126,9 @@ BEGIN
     SELECT * INTO sync FROM cm.sync_role_health();
     problems := problems || sync.problems;
 
+    -- the last reconciliation's unrepaired differences (40_reconcile.sql)
+    problems := problems || cm.reconciliation_health();
+
     healthy := cardinality(problems) = 0;
     detail := array_to_string(CASE WHEN healthy THEN ARRAY['ok'] ELSE problems END || sync.warnings || notes, '; ');
 END
