@@ -188,9 +188,10 @@ static SPIPlanPtr process_plan = NULL;
  * few rows they held when the plan was made).  A larger one
  * is planned for its own size each time (process_plan): a catch-up's
  * batch is best joined by hashing.  The statement is some 15 kB of SQL
- * whose planning costs about as much as applying a hundred rows.
+ * whose planning costs about as much as applying a hundred rows.  The
+ * bound is the default batch_size: a page.
  */
-#define CM_SMALL_BATCH 1000
+#define CM_SMALL_BATCH 10000
 static SPIPlanPtr process_small_plan = NULL;
 static SPIPlanPtr accounts_plan = NULL;
 static SPIPlanPtr lock_plan = NULL;
