@@ -166,7 +166,7 @@ my @counters = qw(cycles rows_read created updated completed_applied compensated
 my @cols = (@counters, qw(consecutive_failures last_cycle_duration_ms worker_pid));
 my @gauges = qw(consecutive_failures last_cycle_duration_seconds last_cycle_end_timestamp_seconds
   worker_running healthy queue_reachable in_recovery source_enabled source_lag_seconds
-  source_watermark_timestamp_seconds source_dead_letters source_failing);
+  source_watermark_timestamp_seconds source_dead_letters source_failing source_rows_behind);
 my %sql;
 @sql{@cols} = split /\|/, $node->safe_psql('portfolio',
 	'SELECT ' . join(" || '|' || ", map { "coalesce(${_}::text, '')" } @cols) . ' FROM cm_stats()'), -1;
@@ -221,6 +221,8 @@ for my $src (@sources)
 	is($dl, $ORPHANS, "as cm_sources() says for source $id");
 	is(value(\@samples, 'consistency_manager_source_failing', %l), '0',
 		"consistency_manager_source_failing{source_id=\"$id\"} is 0 (cm_sources().last_error is NULL)");
+	is(value(\@samples, 'consistency_manager_source_rows_behind', %l), '0',
+		"consistency_manager_source_rows_behind{source_id=\"$id\"} is 0 (caught up)");
 	my $scraped = value(\@samples, 'consistency_manager_source_lag_seconds', %l);
 	# lag is the time since the source was last read: it grows between the
 	# scrape and the query, by less than the few seconds the test takes
