@@ -142,7 +142,7 @@ SELECT set_eq($$
       JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'consistency_manager'
      WHERE has_function_privilege('pg_monitor', p.oid, 'EXECUTE')
 $$, $$VALUES ('cm_stats'), ('cm_health'), ('cm_status'), ('cm_sources'), ('cm_tier_deltas'),
-             ('cm_dead_letters'), ('cm_cycle_history'), ('cm_cycle_lock')$$,
+             ('cm_dead_letters'), ('cm_cycle_history'), ('cm_cycle_lock'), ('cm_consumers')$$,
     'pg_monitor may execute exactly the read-only monitoring functions');
 
 SELECT is_empty($$
@@ -178,8 +178,16 @@ $$, $$VALUES ('cm_tier_deltas', 'search_path=pg_catalog, pg_temp'),
              ('cm_cycle_history', 'search_path=pg_catalog, pg_temp'),
              ('cm_discard_dead_letter', 'search_path=pg_catalog, pg_temp'),
              ('cm_discard_dead_letters', 'search_path=pg_catalog, pg_temp'),
-             ('cm_cycle_lock', 'search_path=pg_catalog, pg_temp')$$,
-    'the SECURITY DEFINER cm_* functions are these twelve, each with search_path = pg_catalog, pg_temp');
+             ('cm_cycle_lock', 'search_path=pg_catalog, pg_temp'),
+             ('cm_set_effect_policy', 'search_path=pg_catalog, pg_temp'),
+             ('cm_consumer_create', 'search_path=pg_catalog, pg_temp'),
+             ('cm_consumer_drop', 'search_path=pg_catalog, pg_temp'),
+             ('cm_events', 'search_path=pg_catalog, pg_temp'),
+             ('cm_events_ack', 'search_path=pg_catalog, pg_temp'),
+             ('cm_consumers', 'search_path=pg_catalog, pg_temp'),
+             ('cm_account_history', 'search_path=pg_catalog, pg_temp'),
+             ('cm_verify_accounts', 'search_path=pg_catalog, pg_temp')$$,
+    'the SECURITY DEFINER cm_* functions are these twenty, each with search_path = pg_catalog, pg_temp');
 
 SELECT is(
     (SELECT format('%s %s', l.lanname, p.prosecdef::text) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
