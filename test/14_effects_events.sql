@@ -9,7 +9,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(70);
+SELECT plan(75);
 
 \ir lib/helpers.sql
 
@@ -235,13 +235,35 @@ SELECT results_eq($$SELECT id, aggregatetype, aggregateid, type FROM cm.event_ou
     $$SELECT event_id, 'account', accountid, event_type FROM cm.event ORDER BY event_id LIMIT 1$$,
     'the outbox view has Debezium''s column names');
 
--- 9. errors of cm_set_effect_policy -----------------------------------------------------
+-- 9. retention ------------------------------------------------------------------------
+-- every event so far is made 30 days old (event_retention is 7 days); 'audit'
+-- has acknowledged the first three, 'live' everything so far
+UPDATE cm.event SET occurred_at = occurred_at - interval '30 days';
+CREATE TEMP TABLE before_prune AS SELECT event_id FROM cm.event;
+SELECT alike((SELECT detail FROM cm_health()), '%consumer ''audit'' is % events behind, the oldest from %',
+    'cm_health names a consumer whose unacknowledged events are older than event_retention');
+INSERT INTO cm_remote.queue_server_investment_queue
+        (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
+VALUES (8, 'A2', 1, 1, 1, 'e0000000-0000-4000-8000-000000000008', 'PENDING', now(), now());
+SELECT is(pg_temp.sync(),
+    'sources=2 rows_read=10 created=1 updated=0 completed_applied=0 compensated=0 dead_lettered=0',
+    'a cycle that writes an event prunes the journal');
+SELECT is((SELECT count(*)::int FROM before_prune b WHERE NOT EXISTS (SELECT 1 FROM cm.event e WHERE e.event_id = b.event_id)),
+    3, 'the old events every consumer acknowledged are removed');
+SELECT is_empty($$SELECT b.event_id FROM before_prune b
+                   WHERE b.event_id > (SELECT acked_id FROM cm.consumer WHERE name = 'audit')
+                     AND NOT EXISTS (SELECT 1 FROM cm.event e WHERE e.event_id = b.event_id)$$,
+    'an event a consumer has not acknowledged is never removed, however old');
+SELECT unalike((SELECT detail FROM cm_health()), '%consumer ''live''%',
+    'a consumer that keeps up is not named');
+
+-- 10. errors of cm_set_effect_policy -----------------------------------------------------
 SELECT throws_ok($$SELECT cm_set_effect_policy(1, 'double')$$, '22023', 'unknown effect policy ''double''',
     'an unknown policy is refused');
 SELECT throws_ok($$SELECT cm_set_effect_policy(99, 'none')$$, 'P0002', 'source 99 does not exist',
     'an unknown source is refused');
 
--- 10. privileges ---------------------------------------------------------------------------
+-- 11. privileges ---------------------------------------------------------------------------
 SELECT is_empty($$
     SELECT p.oid::regprocedure::text FROM pg_proc p
      WHERE p.proname IN ('cm_set_effect_policy', 'cm_consumer_create', 'cm_consumer_drop', 'cm_events',

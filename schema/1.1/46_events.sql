@@ -242,3 +242,26 @@ END
 $$;
 COMMENT ON FUNCTION @extschema@.cm_verify_accounts() IS 'accounts whose current tier values or allocations differ from the after of their last effect in the journal (changed outside the sync cycle since), one row per differing column; none after a clean run';
 REVOKE ALL ON FUNCTION @extschema@.cm_verify_accounts() FROM PUBLIC;
+
+/*
+ * A consumer too far behind: its oldest unacknowledged event is older than
+ * consistency_manager.event_retention, so the journal keeps growing for it
+ * (retention never removes an event a consumer has not acknowledged).
+ */
+CREATE FUNCTION cm.consumer_lag_notes()
+    RETURNS text[]
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT coalesce(array_agg(format('consumer %s is %s events behind, the oldest from %s, older than consistency_manager.event_retention (%s): the journal keeps them until it acknowledges them (cm_events_ack), or drop it (cm_consumer_drop)',
+                                         quote_literal(c.name),
+                                         (SELECT count(*) FROM cm.event e WHERE e.event_id > c.acked_id),
+                                         o.occurred_at, current_setting('consistency_manager.event_retention'))
+                                  ORDER BY c.name), '{}')
+          FROM cm.consumer c
+         CROSS JOIN LATERAL (SELECT e.occurred_at FROM cm.event e WHERE e.event_id > c.acked_id
+                              ORDER BY e.event_id LIMIT 1) o
+         WHERE o.occurred_at < now() - current_setting('consistency_manager.event_retention')::interval
+    $$;
+COMMENT ON FUNCTION cm.consumer_lag_notes() IS 'what cm_health() says about consumers of the event journal whose oldest unacknowledged event is older than consistency_manager.event_retention';
+REVOKE ALL ON FUNCTION cm.consumer_lag_notes() FROM PUBLIC;
