@@ -28,7 +28,9 @@
 #  10. sustained load: a queue-db writer committing small transactions for
 #      a minute at a few rates, the worker polling every second: the
 #      commit-to-visible lag of every row (commit timestamps of both sides)
-#      and the rows each cycle re-reads.
+#      and the rows each cycle re-reads;
+#  11. the event journal: a 100k catch-up with consistency_manager.events on
+#      and off, alternating, and idle cycles with it on.
 # Prints a table, and writes bench/results/latest.json and latest.md.
 #
 #   bash bench/run.sh                  default run (about 20 minutes on 2 cores)
@@ -36,7 +38,8 @@
 #   BENCH_QUICK=1 bash bench/run.sh    small sizes, a smoke test (about 2 min)
 #   BENCH_ONLY=beside ...              only phase 7 (beside the application);
 #                                      also after, poison, sustained (phases
-#                                      8-10), or several: BENCH_ONLY=after,poison
+#                                      8-10), events (phase 11), or several:
+#                                      BENCH_ONLY=after,poison
 #   CM_SKIP_BUILD=1 ...                use the installed build
 #   CM_KEEP=1 ...                      keep the cluster directory afterwards
 #
@@ -64,6 +67,7 @@ if [ -n "${BENCH_QUICK:-}" ]; then
     NEW_SIZE=20000; AFTER_RUNS=3; AFTER_IDLE=10
     POISON_RUNS=2; POISON_COUNTS="1 100"
     SUSTAIN_SECS=10; SUSTAIN_RATES="200 500 max"
+    EVENTS_RUNS=2
 elif [ -n "${BENCH_FULL:-}" ]; then
     MODE=full
 else
@@ -82,10 +86,11 @@ if [ "$MODE" != quick ]; then
     NEW_SIZE=100000; AFTER_RUNS=5; AFTER_IDLE=20
     POISON_RUNS=3; POISON_COUNTS="1 100"
     SUSTAIN_SECS=${BENCH_SUSTAIN_SECS:-45}; SUSTAIN_RATES=${BENCH_SUSTAIN_RATES:-"200 500 max"}
+    EVENTS_RUNS=${BENCH_EVENTS_RUNS:-3}
 fi
 ONLY=${BENCH_ONLY:-}
 for p in ${ONLY//,/ }; do
-    case $p in beside|after|poison|sustained) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained)" >&2; exit 1 ;; esac
+    case $p in beside|after|poison|sustained|events) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, events)" >&2; exit 1 ;; esac
 done
 only() { [[ ",$ONLY," == *",$1,"* ]]; }
 # a run of some phases writes beside the full run's results, not over them
@@ -660,6 +665,37 @@ SQL
     sync_once >/dev/null
 }
 
+# ---------------------------------------------------------------- 11. journal
+# The same catch-up with the event journal on and off, alternating so that
+# both see the same machine load, each from an empty portfolio and journal;
+# then idle cycles with the journal on (an idle cycle writes no event).
+events_phase() {
+    local size=$1 n r on=() off=() evs=() mode
+    say "journal: a $size-row catch-up with consistency_manager.events off and on, $EVENTS_RUNS runs of each"
+    [ "$(queue_rows)" -ge "$size" ] || grow_queue "$size"
+    n=$(queue_rows)
+    for r in $(seq 1 "$EVENTS_RUNS"); do
+        for mode in off on; do
+            reset_portfolio
+            set -- $("${PSQL[@]}" -d portfolio -At -F ' ' -c '\timing on' -c "SET consistency_manager.events = $mode" \
+                -c "SELECT rows_read, created, updated, completed_applied, dead_lettered FROM cm_sync_now(keep_connections => true)" |
+                awk '/^Time:/ {t=$2} !/^Time:/ {r=$0} END {print r, t}')
+            [ "$1" = "$n" ] && [ "$2" = "$n" ] || { echo "events $mode: read $1, created $2 of $n rows" >&2; exit 1; }
+            if [ "$mode" = on ]; then on+=("$6"); evs+=("$(val portfolio -c 'SELECT count(*) FROM cm.event')"); else off+=("$6"); fi
+        done
+        say "  run $r: journal off ${off[-1]} ms, on ${on[-1]} ms (${evs[-1]} events)"
+    done
+    record events.catchup_off "$size" "$n" '{}' "${off[@]}"
+    record events.catchup_on "$size" "$n" "{\"events\":${evs[-1]}}" "${on[@]}"
+    local idl=() line
+    while read -r line; do
+        set -- $line
+        idl+=("$4")
+    done < <(cycles_in_session "$AFTER_IDLE" | tail -n +2)
+    record events.idle_on "$size" 0 '{}' "${idl[@]}"
+    say "  idle cycles with the journal on: ${idl[*]} ms"
+}
+
 # ---------------------------------------------------------------- the run
 if [ -n "$ONLY" ]; then
     # in the order of the full run
@@ -667,6 +703,7 @@ if [ -n "$ONLY" ]; then
     only poison && poison_phase "$NEW_SIZE"
     only beside && beside_phase "$BESIDE_SIZE"
     only sustained && sustained_phase "$NEW_SIZE"
+    only events && events_phase "$NEW_SIZE"
 else
 set -- $CATCHUP_RUNS
 runs_small=$1 runs_big=$2
@@ -676,6 +713,7 @@ catchup "$size_small" "$runs_small"
 incremental "$size_small"
 after_phase "$NEW_SIZE"
 poison_phase "$NEW_SIZE"
+events_phase "$NEW_SIZE"
 worker_phase
 beside_phase "$BESIDE_SIZE"
 catchup "$size_big" "$runs_big"
