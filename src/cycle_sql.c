@@ -234,10 +234,9 @@ cm_sql_stage_dead_letters(const char *foreign_table, const char *account_column,
  * CTEs run to completion whether or not the final SELECT reads them.
  */
 /* A row of cm.batch as it was read from queue-db, for the journal (alias f). */
-#define QUEUE_ROW_JSON \
-	"jsonb_build_object('queue_id', f.queue_id, 'uuid', f.uuid_text, 'accountid', f.accountid," \
-	" 'transaction_type', f.transaction_type, 'tier_1', f.tier_1, 'tier_2', f.tier_2," \
-	" 'tier_3', f.tier_3, 'status', f.status, 'created_at', f.created_at, 'updated_at', f.updated_at)"
+#define QUEUE_ROW \
+	"ROW(f.queue_id, f.uuid_text, f.accountid, f.transaction_type, f.tier_1, f.tier_2," \
+	" f.tier_3, f.status, f.created_at, f.updated_at)::cm.event_queue_row"
 
 char *
 cm_sql_process(const char *portfolios, const char *transactions,
@@ -524,28 +523,24 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"                      WHEN f.change = 'new' THEN 'transaction_created'"
 		"                      WHEN f.status IS DISTINCT FROM f.l_status THEN 'status_changed'"
 		"                      ELSE 'transaction_updated' END AS event_type,"
-		"                 jsonb_build_object('queue_row', " QUEUE_ROW_JSON ","
-		"                                    'portfolio_status', f.portfolio_status,"
-		"                                    'previous_status', f.l_status,"
-		"                                    'adopted', f.adopted, 'reason', f.why) AS payload"
+		"                 to_jsonb(ROW(" QUEUE_ROW ", f.portfolio_status, f.l_status, f.adopted,"
+		"                              f.why)::cm.event_change) AS payload"
 		"            FROM f"
 		"           WHERE ((f.act AND f.why IS NULL) OR (f.why IS NOT NULL AND f.fresh))"
 		"             AND current_setting('consistency_manager.events')::boolean"
 		"           ORDER BY f.queue_id) q"
 		"),"
 		" be AS ("
-		"  INSERT INTO cm.batch_effect (source_id, queue_id, uuid, accountid, event_type, detail)"
-		"  SELECT $1, q.queue_id, q.id, q.accountid, q.event_type, q.detail"
-		"    FROM (SELECT f.queue_id, f.id, f.accountid,"
+		"  INSERT INTO cm.batch_effect (source_id, queue_id, uuid, accountid, event_type, queue_row,"
+		"                               policy, kind, factors, amounts)"
+		"  SELECT $1, q.queue_id, q.id, q.accountid, q.event_type, q.queue_row, q.eff_pol, q.kind,"
+		"         q.factors, q.amounts"
+		"    FROM (SELECT f.queue_id, f.id, f.accountid, f.eff_pol, f.kind, " QUEUE_ROW " AS queue_row,"
 		"                 CASE f.effect WHEN 'apply' THEN 'effect_applied' ELSE 'effect_compensated' END AS event_type,"
-		"                 jsonb_build_object('queue_row', " QUEUE_ROW_JSON ","
-		"                                    'policy', f.eff_pol, 'kind', f.kind,"
-		"                                    'factors', CASE WHEN f.effect = 'apply' THEN to_jsonb(f.factors)"
-		"                                                    WHEN f.eff_pol = 'market_delta'"
-		"                                                    THEN jsonb_build_array(1 / f.l_f1, 1 / f.l_f2, 1 / f.l_f3) END,"
-		"                                    'amounts', CASE WHEN f.effect = 'apply' THEN to_jsonb(f.amounts)"
-		"                                                    WHEN f.eff_pol = 'amount'"
-		"                                                    THEN jsonb_build_array(-f.l_a1, -f.l_a2, -f.l_a3) END) AS detail"
+		"                 CASE WHEN f.effect = 'apply' THEN f.factors"
+		"                      WHEN f.eff_pol = 'market_delta' THEN ARRAY[1 / f.l_f1, 1 / f.l_f2, 1 / f.l_f3] END AS factors,"
+		"                 CASE WHEN f.effect = 'apply' THEN f.amounts"
+		"                      WHEN f.eff_pol = 'amount' THEN ARRAY[-f.l_a1, -f.l_a2, -f.l_a3] END AS amounts"
 		"            FROM f"
 		"           WHERE f.act AND f.why IS NULL AND f.effect IS NOT NULL AND f.eff_pol <> 'none'"
 		"             AND current_setting('consistency_manager.events')::boolean"
@@ -671,12 +666,10 @@ cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid)
 		portfolios, portfolios_oid);
 }
 
-/* An account's tier values and allocations, as jsonb_build_object arguments (alias p). */
-#define PORTFOLIO_JSON \
-	"'tier1_value', p.tier1_value, 'tier2_value', p.tier2_value, 'tier3_value', p.tier3_value," \
-	" 'total_value', p.total_value, 'tier1_allocation', p.tier1_allocation," \
-	" 'tier2_allocation', p.tier2_allocation, 'tier3_allocation', p.tier3_allocation," \
-	" 'total_allocation', p.total_allocation"
+/* An account's tier values and allocations, for the journal (alias p). */
+#define PORTFOLIO_ROW \
+	"ROW(p.tier1_value, p.tier2_value, p.tier3_value, p.total_value, p.tier1_allocation," \
+	" p.tier2_allocation, p.tier3_allocation, p.total_allocation)::cm.event_account"
 
 /*
  * The cycle's last step, part two: apply each account's factors to the row
@@ -737,7 +730,7 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
 	return psprintf(
 		"WITH b AS MATERIALIZED (\n"
 		"  SELECT p.accountid,\n"
-		"         jsonb_build_object(" PORTFOLIO_JSON ") AS v\n"
+		"         " PORTFOLIO_ROW " AS v\n"
 		"    FROM %1$s p\n"
 		"   WHERE p.accountid IN (SELECT e.accountid FROM cm.batch_effect e)\n"
 		"),\n"
@@ -746,13 +739,13 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
 		"%3$s%2$s\n"
 		"    FROM (" ACCOUNT_FACTORS ") n\n"
 		"   WHERE p.accountid = n.accountid\n"
-		"  RETURNING p.accountid, jsonb_build_object(" PORTFOLIO_JSON ") AS v\n"
+		"  RETURNING p.accountid, " PORTFOLIO_ROW " AS v\n"
 		")\n"
 		"INSERT INTO cm.event (source_id, uuid, accountid, event_type, payload)\n"
 		"SELECT q.source_id, q.uuid, q.accountid, q.event_type, q.payload\n"
 		"  FROM (SELECT e.source_id, e.uuid, e.accountid, e.event_type,\n"
-		"               e.detail || jsonb_build_object('before', b.v, 'after', u.v,\n"
-		"                   'effects_in_cycle', count(*) OVER (PARTITION BY e.accountid)) AS payload\n"
+		"               to_jsonb(ROW(e.queue_row, e.policy, e.kind, e.factors, e.amounts, b.v, u.v,\n"
+		"                            count(*) OVER (PARTITION BY e.accountid))::cm.event_effect) AS payload\n"
 		"          FROM cm.batch_effect e\n"
 		"          JOIN b ON b.accountid = e.accountid\n"
 		"          JOIN u ON u.accountid = e.accountid\n"
@@ -903,7 +896,7 @@ const char *cm_sql_dead_letter_staged =
 	"ev AS (\n"
 	"  INSERT INTO cm.event (source_id, uuid, accountid, event_type, payload)\n"
 	"  SELECT f.source_id, cm.try_uuid(f.uuid_text), f.accountid, 'dead_lettered',\n"
-	"         jsonb_build_object('queue_row', " QUEUE_ROW_JSON ", 'reason', f.reason)\n"
+	"         to_jsonb(ROW(" QUEUE_ROW ", NULL, NULL, NULL, f.reason)::cm.event_change)\n"
 	"    FROM d f\n"
 	"   WHERE f.fresh AND current_setting('consistency_manager.events')::boolean)\n"
 	"SELECT d.fresh FROM d";

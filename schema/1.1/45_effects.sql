@@ -16,6 +16,31 @@
  * undoes exactly that, whatever the source's policy is by then.
  */
 
+/*
+ * The shapes of the journal's payloads (cm.event.payload, 46_events.sql):
+ * the cycle builds each payload with one to_jsonb() of a row of these
+ * types, about twice as fast as nested jsonb_build_object() calls.
+ */
+CREATE TYPE cm.event_queue_row AS (
+    queue_id bigint, uuid text, accountid text, transaction_type text,
+    tier_1 numeric, tier_2 numeric, tier_3 numeric, status text,
+    created_at timestamptz, updated_at timestamptz);
+COMMENT ON TYPE cm.event_queue_row IS 'a queue row as the sync cycle read it, in the payload of an event';
+CREATE TYPE cm.event_change AS (
+    queue_row cm.event_queue_row, portfolio_status text, previous_status text,
+    adopted boolean, reason text);
+COMMENT ON TYPE cm.event_change IS 'payload of a transaction_created, status_changed, transaction_updated or dead_lettered event';
+CREATE TYPE cm.event_account AS (
+    tier1_value numeric, tier2_value numeric, tier3_value numeric, total_value numeric,
+    tier1_allocation numeric, tier2_allocation numeric, tier3_allocation numeric,
+    total_allocation numeric);
+COMMENT ON TYPE cm.event_account IS 'an account''s tier values and allocations, before or after an effect';
+CREATE TYPE cm.event_effect AS (
+    queue_row cm.event_queue_row, policy text, kind text, factors numeric[], amounts numeric[],
+    before cm.event_account, after cm.event_account, effects_in_cycle bigint);
+COMMENT ON TYPE cm.event_effect IS 'payload of an effect_applied or effect_compensated event';
+REVOKE USAGE ON TYPE cm.event_queue_row, cm.event_change, cm.event_account, cm.event_effect FROM PUBLIC;
+
 ALTER TABLE cm.source
     ADD COLUMN effect_policy text NOT NULL DEFAULT 'market_delta'
         CONSTRAINT source_effect_policy_check CHECK (effect_policy IN ('market_delta', 'amount', 'none'));
@@ -47,7 +72,11 @@ CREATE UNLOGGED TABLE cm.batch_effect (
     uuid       uuid NOT NULL,
     accountid  text NOT NULL,
     event_type text NOT NULL,
-    detail     jsonb NOT NULL
+    queue_row  cm.event_queue_row NOT NULL,
+    policy     text NOT NULL,
+    kind       text NOT NULL,
+    factors    numeric[],
+    amounts    numeric[]
 );
 COMMENT ON TABLE cm.batch_effect IS 'scratch table of the running sync cycle: each effect applied or compensated, journalled with the account''s values when the accounts are written; always empty outside a cycle';
 REVOKE ALL ON cm.batch_effect FROM PUBLIC;
