@@ -26,6 +26,9 @@ VALUES ('A1', 1000.00, 2000.00, 3000.00, 6000.00, 1000.00, 2000.00, 3000.00, 600
 
 SELECT is((SELECT count(*)::int FROM cm_attach_queue('queue_server')), 2, 'both queue tables attached');
 SELECT pg_temp.queue_writable();
+-- source ids differ from run to run (their identity outlives rolled-back tests)
+SELECT source_id AS inv FROM cm.source WHERE layout = 'investment' \gset
+SELECT source_id AS wd FROM cm.source WHERE layout = 'withdrawal' \gset
 
 -- the events written since the last mark, as "type:account" in journal order
 CREATE TEMP TABLE mark (id bigint);
@@ -43,7 +46,7 @@ CREATE FUNCTION pg_temp.last_event(a text, t text) RETURNS jsonb LANGUAGE sql AS
      ORDER BY e.event_id DESC LIMIT 1
 $$;
 
-SELECT is((SELECT effect_policy FROM cm.source WHERE source_id = 1), 'market_delta',
+SELECT is((SELECT effect_policy FROM cm.source WHERE source_id = :inv), 'market_delta',
     'a source''s effect policy is market_delta by default');
 
 -- 1. market_delta, journalled ---------------------------------------------------
@@ -80,7 +83,7 @@ SELECT is((SELECT policy FROM cm.ledger WHERE uuid = 'e0000000-0000-4000-8000-00
     'the ledger records the policy applied');
 
 -- 2. amount: sums, several completions of one account --------------------------
-SELECT is(cm_set_effect_policy(1, 'amount'), 'market_delta', 'cm_set_effect_policy returns the previous policy');
+SELECT is(cm_set_effect_policy(:inv, 'amount'), 'market_delta', 'cm_set_effect_policy returns the previous policy');
 INSERT INTO cm_remote.queue_server_investment_queue
         (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
 VALUES (2, 'A2', 100, 200, 300, 'e0000000-0000-4000-8000-000000000002', 'COMPLETED', now(), now()),
@@ -110,7 +113,7 @@ SELECT results_eq(
     'the ledger records the amounts applied');
 
 -- 3. compensation after a policy change ----------------------------------------
-SELECT is(cm_set_effect_policy(1, 'none'), 'amount', 'policy changed to none');
+SELECT is(cm_set_effect_policy(:inv, 'none'), 'amount', 'policy changed to none');
 UPDATE cm_remote.queue_server_investment_queue SET status = 'FAILED' WHERE queue_id IN (1, 2);
 SELECT is(pg_temp.sync(),
     'sources=2 rows_read=4 created=0 updated=2 completed_applied=0 compensated=2 dead_lettered=0',
@@ -144,7 +147,7 @@ SELECT is(pg_temp.new_events(), 'transaction_created:A1', 'none: no effect event
 SELECT is((SELECT policy || ' ' || applied FROM cm.ledger WHERE uuid = 'e0000000-0000-4000-8000-000000000005'),
     'none true', 'none: the ledger records the completion as seen under none');
 UPDATE cm_remote.queue_server_investment_queue SET status = 'CANCELLED' WHERE queue_id = 5;
-SELECT cm_set_effect_policy(1, 'amount');
+SELECT cm_set_effect_policy(:inv, 'amount');
 SELECT is(pg_temp.sync(),
     'sources=2 rows_read=5 created=0 updated=1 completed_applied=0 compensated=1 dead_lettered=0',
     'reversing a completion applied under none');
@@ -153,7 +156,7 @@ SELECT is(pg_temp.account('A1'), 'allocation 1000.00+2000.00+3000.00=6000.00 val
 SELECT is(pg_temp.new_events(), 'status_changed:A1', 'nothing to compensate: only the status event');
 
 -- 5. amount: a withdrawal larger than the account ------------------------------
-SELECT cm_set_effect_policy(2, 'amount');
+SELECT cm_set_effect_policy(:wd, 'amount');
 INSERT INTO cm_remote.queue_server_withdrawal_queue
         (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
 VALUES (1, 'A4', 50, 0, 0, 'e0000000-0000-4000-8000-000000000101', 'COMPLETED', now(), now()),
@@ -168,7 +171,7 @@ SELECT is(pg_temp.account('A4'), 'allocation 11.00+11.00+11.00=33.00 value 11.00
     'A4 gets its investment (+1 each tier) but not the withdrawal');
 SELECT is(pg_temp.account('A3'), 'allocation 1010.01+2018.00+3027.00=6055.01 value 1010.01+2018.00+3027.00=6055.01',
     'amount: a withdrawal subtracts its amounts from allocations and values');
-SELECT is((SELECT reason FROM cm.dead_letter WHERE source_id = 2 AND queue_id = 1),
+SELECT is((SELECT reason FROM cm.dead_letter WHERE source_id = :wd AND queue_id = 1),
     'tier 1 would fall below zero (value -39.00, allocation -39.00): account A4 holds less than the amount taken from it',
     'the dead letter says why');
 SELECT is(pg_temp.new_events(),
@@ -260,7 +263,7 @@ SELECT unalike((SELECT detail FROM cm_health()), '%consumer ''live''%',
 -- 10. errors of cm_set_effect_policy -----------------------------------------------------
 SELECT throws_ok($$SELECT cm_set_effect_policy(1, 'double')$$, '22023', 'unknown effect policy ''double''',
     'an unknown policy is refused');
-SELECT throws_ok($$SELECT cm_set_effect_policy(99, 'none')$$, 'P0002', 'source 99 does not exist',
+SELECT throws_ok($$SELECT cm_set_effect_policy(-1, 'none')$$, 'P0002', 'source -1 does not exist',
     'an unknown source is refused');
 
 -- 11. privileges ---------------------------------------------------------------------------
