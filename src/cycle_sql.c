@@ -725,12 +725,13 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
 	 * account step took) and after (RETURNING: what the UPDATE wrote,
 	 * triggers included).  Several effects on one account in a cycle are
 	 * one combined update, so each of them carries the values before and
-	 * after that update, and how many effects it combined.
+	 * after that update, and how many effects it combined.  The values are
+	 * turned into jsonb once per account, not once per effect.
 	 */
 	return psprintf(
 		"WITH b AS MATERIALIZED (\n"
 		"  SELECT p.accountid,\n"
-		"         " PORTFOLIO_ROW " AS v\n"
+		"         to_jsonb(" PORTFOLIO_ROW ") AS v\n"
 		"    FROM %1$s p\n"
 		"   WHERE p.accountid IN (SELECT e.accountid FROM cm.batch_effect e)\n"
 		"),\n"
@@ -739,13 +740,14 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
 		"%3$s%2$s\n"
 		"    FROM (" ACCOUNT_FACTORS ") n\n"
 		"   WHERE p.accountid = n.accountid\n"
-		"  RETURNING p.accountid, " PORTFOLIO_ROW " AS v\n"
+		"  RETURNING p.accountid, to_jsonb(" PORTFOLIO_ROW ") AS v\n"
 		")\n"
 		"INSERT INTO cm.event (source_id, uuid, accountid, event_type, payload)\n"
 		"SELECT q.source_id, q.uuid, q.accountid, q.event_type, q.payload\n"
 		"  FROM (SELECT e.source_id, e.uuid, e.accountid, e.event_type,\n"
-		"               to_jsonb(ROW(e.queue_row, e.policy, e.kind, e.factors, e.amounts, b.v, u.v,\n"
-		"                            count(*) OVER (PARTITION BY e.accountid))::cm.event_effect) AS payload\n"
+		"               to_jsonb(ROW(e.queue_row, e.policy, e.kind, e.factors, e.amounts)::cm.event_effect)\n"
+		"               || jsonb_build_object('before', b.v, 'after', u.v,\n"
+		"                                     'effects_in_cycle', count(*) OVER (PARTITION BY e.accountid)) AS payload\n"
 		"          FROM cm.batch_effect e\n"
 		"          JOIN b ON b.accountid = e.accountid\n"
 		"          JOIN u ON u.accountid = e.accountid\n"

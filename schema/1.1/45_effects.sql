@@ -36,9 +36,8 @@ CREATE TYPE cm.event_account AS (
     total_allocation numeric);
 COMMENT ON TYPE cm.event_account IS 'an account''s tier values and allocations, before or after an effect';
 CREATE TYPE cm.event_effect AS (
-    queue_row cm.event_queue_row, policy text, kind text, factors numeric[], amounts numeric[],
-    before cm.event_account, after cm.event_account, effects_in_cycle bigint);
-COMMENT ON TYPE cm.event_effect IS 'payload of an effect_applied or effect_compensated event';
+    queue_row cm.event_queue_row, policy text, kind text, factors numeric[], amounts numeric[]);
+COMMENT ON TYPE cm.event_effect IS 'payload of an effect_applied or effect_compensated event, without the account''s values before and after (built once per account, then added)';
 REVOKE USAGE ON TYPE cm.event_queue_row, cm.event_change, cm.event_account, cm.event_effect FROM PUBLIC;
 
 ALTER TABLE cm.source
