@@ -254,6 +254,25 @@ def main():
                    ratio <= 2.0, f"in server: {ratio_s:.2f}×")
         md.append("")
 
+    # 11. the event journal
+    if "events.catchup_on" in by:
+        on, off = by["events.catchup_on"][0], by["events.catchup_off"][0]
+        ron = spread([on["rows"] / (ms / 1000.0) for ms in on["samples"]])
+        roff = spread([off["rows"] / (ms / 1000.0) for ms in off["samples"]])
+        ratio = ron["median"] / roff["median"]
+        idle = spread(by["events.idle_on"][0]["samples"]) if "events.idle_on" in by else None
+        res["events"] = {"size": on["size"], "rows": on["rows"], "events": on["extra"].get("events"),
+                         "catchup_on_rows_per_s": ron, "catchup_off_rows_per_s": roff, "on_over_off": ratio,
+                         "catchup_on_ms": spread(on["samples"]), "catchup_off_ms": spread(off["samples"]),
+                         "idle_on_ms": idle}
+        md.append("| event journal (rows/s, median (min – max)) | rows | events written | journal off | journal on | on/off | idle cycle, journal on (ms) |")
+        md.append("|---|---:|---:|---:|---:|---:|---:|")
+        md.append(f"| {size_label(on['size'])} catch-up | {on['rows']:,} | {on['extra'].get('events', 0):,} | {mmm(roff)} | {mmm(ron)} | {ratio:.2f}× | {mmm(idle, 2) if idle else '–'} |")
+        md.append("")
+        target(f"catch-up {size_label(on['size'])} with the journal ≥ 0.85 × without", round(ratio, 2), 0.85, ratio >= 0.85)
+        if idle:
+            target("idle cycle with the journal on ≤ 2 ms", round(idle["median"], 2), 2.0, idle["median"] <= 2.0)
+
     # 9. poison rows
     if "poison.catchup" in by:
         runs = sorted(by["poison.catchup"], key=lambda x: x["extra"]["poison"])

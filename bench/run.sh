@@ -35,6 +35,8 @@
 #  12. reconciliation: cm_reconcile() over a synced 1M-row queue (20k
 #      quick; 10M too with BENCH_FULL) with 0 and 10 differences, against
 #      the plain full compare (FULL JOIN over the foreign tables).
+#  13. the event journal: a 100k catch-up with consistency_manager.events on
+#      and off, alternating, and idle cycles with it on.
 # Prints a table, and writes bench/results/latest.json and latest.md.
 #
 #   bash bench/run.sh                  default run (about 20 minutes on 2 cores)
@@ -42,7 +44,7 @@
 #   BENCH_QUICK=1 bash bench/run.sh    small sizes, a smoke test (about 2 min)
 #   BENCH_ONLY=beside ...              only phase 7 (beside the application);
 #                                      also after, poison, sustained,
-#                                      bounded, reconcile (phases 8-12), or several:
+#                                      bounded, reconcile, events (phases 8-13), or several:
 #                                      BENCH_ONLY=after,poison
 #   CM_SKIP_BUILD=1 ...                use the installed build
 #   CM_KEEP=1 ...                      keep the cluster directory afterwards
@@ -73,6 +75,7 @@ if [ -n "${BENCH_QUICK:-}" ]; then
     SUSTAIN_SECS=10; SUSTAIN_RATES="200 500 max"
     BOUNDED_SIZE=20000; BOUNDED_RUNS=2; BOUNDED_LIMIT=5000
     RECON_SIZES="20000"; RECON_RUNS=2
+    EVENTS_RUNS=2
 elif [ -n "${BENCH_FULL:-}" ]; then
     MODE=full
 else
@@ -94,10 +97,11 @@ if [ "$MODE" != quick ]; then
     BOUNDED_SIZE=1000000; BOUNDED_RUNS=2; BOUNDED_LIMIT=100000
     RECON_SIZES="1000000"; RECON_RUNS=3
     [ "$MODE" = full ] && RECON_SIZES="1000000 10000000"
+    EVENTS_RUNS=${BENCH_EVENTS_RUNS:-3}
 fi
 ONLY=${BENCH_ONLY:-}
 for p in ${ONLY//,/ }; do
-    case $p in beside|after|poison|sustained|bounded|reconcile) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, bounded, reconcile)" >&2; exit 1 ;; esac
+    case $p in beside|after|poison|sustained|bounded|reconcile|events) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, bounded, reconcile, events)" >&2; exit 1 ;; esac
 done
 only() { [[ ",$ONLY," == *",$1,"* ]]; }
 # a run of some phases writes beside the full run's results, not over them
@@ -778,6 +782,37 @@ reconcile_phase() {
     pf -c "TRUNCATE cm.reconciliation_run CASCADE" >/dev/null
 }
 
+# ---------------------------------------------------------------- 13. journal
+# The same catch-up with the event journal on and off, alternating so that
+# both see the same machine load, each from an empty portfolio and journal;
+# then idle cycles with the journal on (an idle cycle writes no event).
+events_phase() {
+    local size=$1 n r on=() off=() evs=() mode
+    say "journal: a $size-row catch-up with consistency_manager.events off and on, $EVENTS_RUNS runs of each"
+    [ "$(queue_rows)" -ge "$size" ] || grow_queue "$size"
+    n=$(queue_rows)
+    for r in $(seq 1 "$EVENTS_RUNS"); do
+        for mode in off on; do
+            reset_portfolio
+            set -- $("${PSQL[@]}" -d portfolio -At -F ' ' -c '\timing on' -c "SET consistency_manager.events = $mode" \
+                -c "SELECT rows_read, created, updated, completed_applied, dead_lettered FROM cm_sync_now(keep_connections => true)" |
+                awk '/^Time:/ {t=$2} !/^Time:/ {r=$0} END {print r, t}')
+            [ "$1" = "$n" ] && [ "$2" = "$n" ] || { echo "events $mode: read $1, created $2 of $n rows" >&2; exit 1; }
+            if [ "$mode" = on ]; then on+=("$6"); evs+=("$(val portfolio -c 'SELECT count(*) FROM cm.event')"); else off+=("$6"); fi
+        done
+        say "  run $r: journal off ${off[-1]} ms, on ${on[-1]} ms (${evs[-1]} events)"
+    done
+    record events.catchup_off "$size" "$n" '{}' "${off[@]}"
+    record events.catchup_on "$size" "$n" "{\"events\":${evs[-1]}}" "${on[@]}"
+    local idl=() line
+    while read -r line; do
+        set -- $line
+        idl+=("$4")
+    done < <(cycles_in_session "$AFTER_IDLE" | tail -n +2)
+    record events.idle_on "$size" 0 '{}' "${idl[@]}"
+    say "  idle cycles with the journal on: ${idl[*]} ms"
+}
+
 # ---------------------------------------------------------------- the run
 if [ -n "$ONLY" ]; then
     # in the order of the full run
@@ -787,6 +822,7 @@ if [ -n "$ONLY" ]; then
     only sustained && sustained_phase "$NEW_SIZE"
     only bounded && bounded_phase "$BOUNDED_SIZE"
     if only reconcile; then for s in $RECON_SIZES; do reconcile_phase "$s"; done; fi
+    only events && events_phase "$NEW_SIZE"
 else
 set -- $CATCHUP_RUNS
 runs_small=$1 runs_big=$2
@@ -796,6 +832,7 @@ catchup "$size_small" "$runs_small"
 incremental "$size_small"
 after_phase "$NEW_SIZE"
 poison_phase "$NEW_SIZE"
+events_phase "$NEW_SIZE"
 worker_phase
 beside_phase "$BESIDE_SIZE"
 catchup "$size_big" "$runs_big"

@@ -46,6 +46,8 @@ extern char *cm_portfolio_schema;
 extern int	cm_cycle_timeout;
 extern int	cm_max_databases;
 extern int	cm_reconcile_interval;
+extern bool cm_events;
+extern int	cm_event_retention;
 
 extern void cm_define_gucs(void);
 
@@ -103,6 +105,8 @@ extern const char *cm_sql_stage_tids;
 extern const char *cm_sql_copy_stage;
 extern const char *cm_sql_dead_letter_staged;
 extern const char *cm_sql_batch_accounts;
+extern const char *cm_sql_journal_end;
+extern const char *cm_sql_journal_announce;
 
 /* Helpers (util.c). */
 extern Oid	cm_target_relid(const char *relname, bool missing_ok);

@@ -136,6 +136,7 @@ typedef struct Poison
 {
 	ArrayBuildState *accounts;
 	ArrayBuildState *reasons;
+	ArrayBuildState *debits;	/* only the effects that take an amount */
 } Poison;
 
 /* The memory context cm_run_cycle was called in: what outlives SPI. */
@@ -395,7 +396,7 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 {
 	Oid			portfolios = cm_target_relid("user_portfolios", false);
 	Oid			transactions = cm_target_relid("portfolio_transactions", false);
-	Oid			argtypes[4] = {INT4OID, NUMERICARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+	Oid			argtypes[5] = {INT4OID, NUMERICARRAYOID, TEXTARRAYOID, TEXTARRAYOID, BOOLARRAYOID};
 	char	   *portfolios_name;
 	char	   *transactions_name;
 
@@ -422,10 +423,10 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 													   get_rel_name(transactions));
 		process_plan = prepare_kept(cm_sql_process(portfolios_name, transactions_name,
 												   portfolios, transactions),
-									4, argtypes, CURSOR_OPT_CUSTOM_PLAN);
+									5, argtypes, CURSOR_OPT_CUSTOM_PLAN);
 		process_small_plan = prepare_kept(cm_sql_process(portfolios_name, transactions_name,
 														 portfolios, transactions),
-										  4, argtypes, CURSOR_OPT_GENERIC_PLAN);
+										  5, argtypes, CURSOR_OPT_GENERIC_PLAN);
 		accounts_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
 														   get_attnum(portfolios, "updated_at") != InvalidAttrNumber,
 														   false),
@@ -706,7 +707,7 @@ static void
 process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult *result,
 			  uint64 batch_rows)
 {
-	Datum		values[4];
+	Datum		values[5];
 	HeapTuple	tup;
 	TupleDesc	desc;
 	bool		isnull;
@@ -720,6 +721,7 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	values[1] = deltas;
 	values[2] = makeArrayResult(poison->accounts, CurrentMemoryContext);
 	values[3] = makeArrayResult(poison->reasons, CurrentMemoryContext);
+	values[4] = makeArrayResult(poison->debits, CurrentMemoryContext);
 	set_step("consistency_manager: applying changes");
 	plan = get_process_plan(&accounts, &lock);
 	if (batch_rows <= CM_SMALL_BATCH)
@@ -1570,7 +1572,7 @@ dead_letter_row(PassWork *w, ItemPointer tid, const ErrorData *e)
 	values[0] = PointerGetDatum(tid);
 	values[1] = CStringGetTextDatum(poison_reason(e));
 	set_step("consistency_manager: dead-lettering a row that cannot apply");
-	run_plan(dl_staged_plan, values, NULL, SPI_OK_INSERT_RETURNING);
+	run_plan(dl_staged_plan, values, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 1)
 	{
 		if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
@@ -1770,7 +1772,11 @@ write_accounts(void *arg)
 {
 	AccountWork *w = (AccountWork *) arg;
 
-	run_plan(w->plan, w->plan == accounts_subset_plan ? &w->accounts : NULL, NULL, SPI_OK_UPDATE);
+	/* the whole write is an INSERT into the journal around the UPDATE */
+	if (w->plan == accounts_subset_plan)
+		run_plan(w->plan, &w->accounts, NULL, SPI_OK_UPDATE);
+	else
+		run_plan(w->plan, NULL, NULL, SPI_OK_INSERT);
 }
 
 /*
@@ -1795,6 +1801,7 @@ isolate_accounts(Datum *accounts, int n, ErrorData *e, Poison *poison, MemoryCon
 		accumArrayResult(poison->accounts, accounts[0], false, TEXTOID, poison_cxt);
 		accumArrayResult(poison->reasons, CStringGetTextDatum(poison_reason(e)), false,
 						 TEXTOID, poison_cxt);
+		accumArrayResult(poison->debits, BoolGetDatum(false), false, BOOLOID, poison_cxt);
 		return 1;
 	}
 	w.plan = accounts_subset_plan;
@@ -1883,6 +1890,8 @@ apply_staged(Source *sources, int nsources, Datum deltas, Poison *poison,
 							 TEXTOID, poison_cxt);
 			accumArrayResult(poison->reasons, SPI_getbinval(tup, desc, 2, &isnull), false,
 							 TEXTOID, poison_cxt);
+			accumArrayResult(poison->debits, SPI_getbinval(tup, desc, 3, &isnull), false,
+							 BOOLOID, poison_cxt);
 		}
 		SPI_freetuptable(SPI_tuptable);
 		return false;
@@ -1952,6 +1961,7 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 
 	poison.accounts = initArrayResult(TEXTOID, oldcxt, false);
 	poison.reasons = initArrayResult(TEXTOID, oldcxt, false);
+	poison.debits = initArrayResult(BOOLOID, oldcxt, false);
 
 	save_nestlevel = NewGUCNestLevel();
 	(void) set_config_option("deadlock_timeout", CM_DEADLOCK_TIMEOUT, PGC_SUSET,
@@ -2008,6 +2018,53 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 	}
 	result->lock_retries = saved.lock_retries + attempt;
 	AtEOXact_GUC(true, save_nestlevel);
+}
+
+/* The journal statements (cycle_sql.c), prepared at first use. */
+static SPIPlanPtr journal_end_plan = NULL;
+static SPIPlanPtr journal_announce_plan = NULL;
+
+/*
+ * journal_end
+ *		The last event_id of the journal, read under the cycle lock before
+ *		the cycle writes any event: every event the cycle writes is after
+ *		it (see schema/1.1/46_events.sql for why ids follow commit order).
+ */
+static int64
+journal_end(void)
+{
+	bool		isnull;
+	int64		end;
+
+	if (journal_end_plan == NULL)
+		journal_end_plan = prepare_kept(cm_sql_journal_end, 0, NULL, 0);
+	run_plan(journal_end_plan, NULL, NULL, SPI_OK_SELECT);
+	end = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_freetuptable(SPI_tuptable);
+	return end;
+}
+
+/*
+ * journal_announce
+ *		After the cycle's writes: queue one NOTIFY consistency_manager with
+ *		the first and last event_id the cycle wrote (PostgreSQL sends it at
+ *		commit, and never if the transaction aborts), and remove the events
+ *		past consistency_manager.event_retention that every consumer has
+ *		acknowledged, a bounded batch per cycle.
+ */
+static void
+journal_announce(int64 since)
+{
+	Datum		values[2];
+	Oid			argtypes[2] = {INT8OID, FLOAT8OID};
+
+	if (journal_announce_plan == NULL)
+		journal_announce_plan = prepare_kept(cm_sql_journal_announce, 2, argtypes, 0);
+	values[0] = Int64GetDatum(since);
+	values[1] = Float8GetDatum((double) cm_event_retention);
+	set_step("consistency_manager: announcing events");
+	run_plan(journal_announce_plan, values, NULL, SPI_OK_SELECT);
+	SPI_freetuptable(SPI_tuptable);
 }
 
 /*
@@ -2069,6 +2126,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	int64		staged = 0;
 	bool		new_failure;
 	CmRoleSwitch sync_role;
+	int64		journal_since = 0;
 
 	memset(result, 0, sizeof(*result));
 	caller_cxt = CurrentMemoryContext;
@@ -2131,7 +2189,11 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	if (nsources > 0 && i == nsources)
 		ReThrowError(sources[0].error);
 
+	if (staged > 0 && cm_events)
+		journal_since = journal_end();
 	apply_with_retry(sources, nsources, deltas, result);
+	if (staged > 0 && cm_events)
+		journal_announce(journal_since);
 	new_failure = report_source_failures(sources, nsources,
 										 strcmp(trigger, "manual") == 0, result);
 	for (i = 0; i < nsources; i++)

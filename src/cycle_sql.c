@@ -214,8 +214,17 @@ cm_sql_stage_dead_letters(const char *foreign_table, const char *account_column,
  * Process the staged rows of one source.
  *
  *	$1 source_id, $2 the three tier deltas taken at the start of the cycle,
- *	$3 and $4 accounts whose new values would not fit their columns and why
- *	(found by cm_sql_lock_accounts; their effects are dead-lettered).
+ *	$3, $4 and $5 accounts whose new values would not fit their columns,
+ *	why, and whether only the effects that take an amount from the account
+ *	are at fault (found by cm_sql_lock_accounts; those effects are
+ *	dead-lettered).
+ *
+ * Each effect acts under a policy: an applied completion under its
+ * source's effect_policy, a compensation under the policy the ledger
+ * recorded for the completion it undoes (so a policy changed since never
+ * mis-reverses it).  market_delta effects multiply (iv, wd), amount
+ * effects add (ad, to values and allocations alike), none leaves the
+ * account alone.
  *	%1$s user_portfolios, %2$s portfolio_transactions (quoted, qualified),
  *	%3$u and %4$u their OIDs.
  *
@@ -238,6 +247,11 @@ cm_sql_stage_dead_letters(const char *foreign_table, const char *account_column,
  * (stale) is a no-op, which is what makes a re-read harmless.  The writing
  * CTEs run to completion whether or not the final SELECT reads them.
  */
+/* A row of cm.batch as it was read from queue-db, for the journal (alias f). */
+#define QUEUE_ROW \
+	"ROW(f.queue_id, f.uuid_text, f.accountid, f.transaction_type, f.tier_1, f.tier_2," \
+	" f.tier_3, f.status, f.created_at, f.updated_at)::cm.event_queue_row"
+
 char *
 cm_sql_process(const char *portfolios, const char *transactions,
 			   Oid portfolios_oid, Oid transactions_oid)
@@ -279,8 +293,12 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         t.id IS NOT NULL AS adopted,"
 		"         prior.applied AS l_applied,"
 		"         l.factor1 AS l_f1, l.factor2 AS l_f2, l.factor3 AS l_f3,"
+		"         l.amount1 AS l_a1, l.amount2 AS l_a2, l.amount3 AS l_a3,"
+		"         CASE WHEN l.policy IS NOT NULL THEN l.policy"
+		"              WHEN l.factor1 IS NOT NULL THEN 'market_delta' END AS l_pol,"
+		"         src.pol,"
 		"         l.updated_at AS l_updated_at, l.status AS l_status,"
-		"         poison.reason AS poison_reason,"
+		"         poison.reason AS poison_reason, poison.debits_only AS poison_debits,"
 		"         CASE WHEN b.status = 'COMPLETED' AND NOT prior.applied THEN 'apply'"
 		"              WHEN b.status IS DISTINCT FROM 'COMPLETED' AND prior.applied"
 		"                   THEN 'compensate' END AS effect"
@@ -298,7 +316,17 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"                 FROM cm.batch d"
 		"                GROUP BY 1 HAVING min(d.queue_id) <> max(d.queue_id)) claim"
 		"           ON claim.id = cm.try_uuid(b.uuid)"
-		"    LEFT JOIN unnest($3::text[], $4::text[]) AS poison(accountid, reason)"
+		"   CROSS JOIN (SELECT coalesce((SELECT s.effect_policy FROM cm.source s WHERE s.source_id = $1),"
+		"                               'market_delta') AS pol) src"
+		/*
+		 * An account found by the account step: all its effects are
+		 * dead-lettered, or (debits_only) only those that take an amount
+		 * from it.  An account may be found twice over the redos.
+		 */
+		"    LEFT JOIN (SELECT u.accountid, (array_agg(u.reason ORDER BY u.debits_only))[1] AS reason,"
+		"                      bool_and(u.debits_only) AS debits_only"
+		"                 FROM unnest($3::text[], $4::text[], $5::bool[]) AS u(accountid, reason, debits_only)"
+		"                GROUP BY u.accountid) poison"
 		"           ON poison.accountid = b.accountid"
 		/*
 		 * A request the ledger does not know but portfolio_transactions
@@ -317,6 +345,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         x.tier_1, x.tier_2, x.tier_3, x.status, x.created_at, x.updated_at,"
 		"         x.kind, x.c1, x.c2, x.c3, x.portfolio_status, x.change, x.effect,"
 		"         x.l_applied, x.l_f1, x.l_f2, x.l_f3, x.adopted,"
+		"         x.l_a1, x.l_a2, x.l_a3, x.l_pol, x.pol, x.l_status, x.eff_pol,"
 		"         x.change IN ('new', 'changed', 'conflict') AS act,"
 		"         CASE"
 		"          WHEN x.change NOT IN ('new', 'changed', 'conflict') THEN NULL"
@@ -356,14 +385,21 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"          WHEN x.change = 'conflict' THEN"
 		"               format('uuid %%s is already used by source %%s, queue_id %%s (%%s)',"
 		"                      x.id, x.l_source, x.l_queue_id, x.l_kind)"
-		"          WHEN x.effect = 'compensate' AND (x.l_f1 IS NULL OR x.l_f2 IS NULL OR x.l_f3 IS NULL) THEN"
+		"          WHEN x.effect = 'compensate' AND (x.l_pol IS NULL"
+		"               OR (x.l_pol = 'market_delta' AND (x.l_f1 IS NULL OR x.l_f2 IS NULL OR x.l_f3 IS NULL))"
+		"               OR (x.l_pol = 'amount' AND (x.l_a1 IS NULL OR x.l_a2 IS NULL OR x.l_a3 IS NULL))) THEN"
 		"               format('cannot compensate: its completion was adopted from an existing %%s row, so the factors it applied are unknown; correct account %%s by hand',"
 		"                      %4$u::oid::regclass, x.accountid)"
-		"          WHEN x.effect = 'compensate' AND 0 IN (x.l_f1, x.l_f2, x.l_f3) THEN"
+		"          WHEN x.effect = 'compensate' AND x.l_pol = 'market_delta' AND 0 IN (x.l_f1, x.l_f2, x.l_f3) THEN"
 		"               'cannot compensate: its completion multiplied a tier by 0 (a delta of -100%%)'"
-		"          WHEN x.effect IS NOT NULL AND x.poison_reason IS NOT NULL THEN x.poison_reason"
+		"          WHEN x.effect IS NOT NULL AND x.poison_reason IS NOT NULL AND x.eff_pol <> 'none'"
+		"               AND (NOT x.poison_debits"
+		"                    OR (x.eff_pol = 'amount' AND (x.kind = 'WITHDRAWAL') = (x.effect = 'apply')))"
+		"               THEN x.poison_reason"
 		"         END AS reason"
 		"    FROM (SELECT x.*,"
+		/* the policy an effect acts under: the source's, or what the ledger recorded */
+		"                 CASE x.effect WHEN 'apply' THEN x.pol WHEN 'compensate' THEN x.l_pol END AS eff_pol,"
 		"                 CASE WHEN NOT x.in_ledger AND x.queue_id <> x.batch_claim THEN 'conflict'"
 		"                      WHEN NOT x.in_ledger THEN 'new'"
 		"                      WHEN x.l_source <> $1 OR x.l_queue_id <> x.queue_id"
@@ -375,20 +411,23 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"),"
 		" a AS MATERIALIZED ("
 		"  SELECT c.accountid,"
-		"         cm.factor_mul(cm.factor_pow(1 + $2[1], count(*) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'apply')),"
-		"                       cm.product(1 / c.l_f1) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'compensate')) AS iv1,"
-		"         cm.factor_mul(cm.factor_pow(1 + $2[2], count(*) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'apply')),"
-		"                       cm.product(1 / c.l_f2) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'compensate')) AS iv2,"
-		"         cm.factor_mul(cm.factor_pow(1 + $2[3], count(*) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'apply')),"
-		"                       cm.product(1 / c.l_f3) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'compensate')) AS iv3,"
-		"         cm.factor_mul(cm.factor_pow(1 - $2[1], count(*) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'apply')),"
-		"                       cm.product(1 / c.l_f1) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'compensate')) AS wd1,"
-		"         cm.factor_mul(cm.factor_pow(1 - $2[2], count(*) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'apply')),"
-		"                       cm.product(1 / c.l_f2) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'compensate')) AS wd2,"
-		"         cm.factor_mul(cm.factor_pow(1 - $2[3], count(*) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'apply')),"
-		"                       cm.product(1 / c.l_f3) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'compensate')) AS wd3"
-		"    FROM c"
-		"   WHERE c.act AND c.reason IS NULL AND c.effect IS NOT NULL"
+		"         cm.factor_mul(cm.factor_pow(1 + $2[1], count(*) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'apply' AND c.eff_pol = 'market_delta')),"
+		"                       cm.product(1 / c.l_f1) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'compensate' AND c.eff_pol = 'market_delta')) AS iv1,"
+		"         cm.factor_mul(cm.factor_pow(1 + $2[2], count(*) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'apply' AND c.eff_pol = 'market_delta')),"
+		"                       cm.product(1 / c.l_f2) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'compensate' AND c.eff_pol = 'market_delta')) AS iv2,"
+		"         cm.factor_mul(cm.factor_pow(1 + $2[3], count(*) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'apply' AND c.eff_pol = 'market_delta')),"
+		"                       cm.product(1 / c.l_f3) FILTER (WHERE c.kind = 'INVEST' AND c.effect = 'compensate' AND c.eff_pol = 'market_delta')) AS iv3,"
+		"         cm.factor_mul(cm.factor_pow(1 - $2[1], count(*) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'apply' AND c.eff_pol = 'market_delta')),"
+		"                       cm.product(1 / c.l_f1) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'compensate' AND c.eff_pol = 'market_delta')) AS wd1,"
+		"         cm.factor_mul(cm.factor_pow(1 - $2[2], count(*) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'apply' AND c.eff_pol = 'market_delta')),"
+		"                       cm.product(1 / c.l_f2) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'compensate' AND c.eff_pol = 'market_delta')) AS wd2,"
+		"         cm.factor_mul(cm.factor_pow(1 - $2[3], count(*) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'apply' AND c.eff_pol = 'market_delta')),"
+		"                       cm.product(1 / c.l_f3) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'compensate' AND c.eff_pol = 'market_delta')) AS wd3,"
+		"         coalesce(sum(CASE c.effect WHEN 'apply' THEN c.sgn * c.c1 ELSE -c.l_a1 END) FILTER (WHERE c.eff_pol = 'amount'), 0) AS ad1,"
+		"         coalesce(sum(CASE c.effect WHEN 'apply' THEN c.sgn * c.c2 ELSE -c.l_a2 END) FILTER (WHERE c.eff_pol = 'amount'), 0) AS ad2,"
+		"         coalesce(sum(CASE c.effect WHEN 'apply' THEN c.sgn * c.c3 ELSE -c.l_a3 END) FILTER (WHERE c.eff_pol = 'amount'), 0) AS ad3"
+		"    FROM (SELECT c.*, CASE c.kind WHEN 'INVEST' THEN 1 ELSE -1 END AS sgn FROM c) c"
+		"   WHERE c.act AND c.reason IS NULL AND c.effect IS NOT NULL AND c.eff_pol <> 'none'"
 		"   GROUP BY c.accountid"
 		"),"
 		" f AS MATERIALIZED ("
@@ -396,9 +435,14 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         c.tier_1, c.tier_2, c.tier_3, c.status, c.created_at, c.updated_at,"
 		"         c.kind, c.c1, c.c2, c.c3, c.portfolio_status, c.change, c.effect, c.act,"
 		"         c.l_applied, c.l_f1, c.l_f2, c.l_f3, c.adopted,"
+		"         c.l_a1, c.l_a2, c.l_a3, c.l_pol, c.pol, c.eff_pol, c.l_status,"
 		"         CASE c.kind WHEN 'INVEST' THEN 1 ELSE -1 END AS sgn,"
-		"         CASE WHEN c.effect = 'apply' AND c.kind = 'INVEST' THEN ARRAY[1 + $2[1], 1 + $2[2], 1 + $2[3]]"
-		"              WHEN c.effect = 'apply' THEN ARRAY[1 - $2[1], 1 - $2[2], 1 - $2[3]] END AS factors,"
+		"         CASE WHEN c.effect = 'apply' AND c.pol = 'market_delta' AND c.kind = 'INVEST'"
+		"                   THEN ARRAY[1 + $2[1], 1 + $2[2], 1 + $2[3]]"
+		"              WHEN c.effect = 'apply' AND c.pol = 'market_delta'"
+		"                   THEN ARRAY[1 - $2[1], 1 - $2[2], 1 - $2[3]] END AS factors,"
+		"         CASE WHEN c.effect = 'apply' AND c.pol = 'amount' AND c.kind = 'INVEST' THEN ARRAY[c.c1, c.c2, c.c3]"
+		"              WHEN c.effect = 'apply' AND c.pol = 'amount' THEN ARRAY[-c.c1, -c.c2, -c.c3] END AS amounts,"
 		"         c.reason AS why,"
 		"         d0.queue_id IS NULL AS fresh"
 		"    FROM c"
@@ -446,18 +490,20 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         status = excluded.status, updated_at = excluded.updated_at"
 		"),"
 		" pa AS ("
-		"  INSERT INTO cm.batch_account (accountid, iv1, iv2, iv3, wd1, wd2, wd3,"
+		"  INSERT INTO cm.batch_account (accountid, iv1, iv2, iv3, wd1, wd2, wd3, ad1, ad2, ad3,"
 		"                                vs1, vs2, vs3, as1, as2, as3)"
-		"  SELECT a.accountid, a.iv1, a.iv2, a.iv3, a.wd1, a.wd2, a.wd3,"
+		"  SELECT a.accountid, a.iv1, a.iv2, a.iv3, a.wd1, a.wd2, a.wd3, a.ad1, a.ad2, a.ad3,"
 		"         k.vs1, k.vs2, k.vs3, k.as1, k.as2, k.as3"
 		"    FROM a CROSS JOIN cols k"
 		"),"
 		" li AS ("
 		"  INSERT INTO cm.ledger (uuid, source_id, queue_id, kind, accountid, status, updated_at,"
-		"                         applied, factor1, factor2, factor3, synced_at)"
+		"                         applied, factor1, factor2, factor3, policy, amount1, amount2, amount3,"
+		"                         synced_at)"
 		"  SELECT f.id, $1, f.queue_id, f.kind, f.accountid, f.status, f.updated_at,"
 		"         CASE f.effect WHEN 'apply' THEN true WHEN 'compensate' THEN false ELSE f.l_applied END,"
-		"         f.factors[1], f.factors[2], f.factors[3], now()"
+		"         f.factors[1], f.factors[2], f.factors[3],"
+		"         CASE f.effect WHEN 'apply' THEN f.pol END, f.amounts[1], f.amounts[2], f.amounts[3], now()"
 		"    FROM f WHERE f.act AND f.why IS NULL AND f.change = 'new'"
 		"),"
 		" lu AS ("
@@ -469,9 +515,50 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         factor1 = CASE WHEN f.effect IS NULL THEN l.factor1 ELSE f.factors[1] END,"
 		"         factor2 = CASE WHEN f.effect IS NULL THEN l.factor2 ELSE f.factors[2] END,"
 		"         factor3 = CASE WHEN f.effect IS NULL THEN l.factor3 ELSE f.factors[3] END,"
+		"         policy = CASE WHEN f.effect IS NULL THEN l.policy WHEN f.effect = 'apply' THEN f.pol END,"
+		"         amount1 = CASE WHEN f.effect IS NULL THEN l.amount1 ELSE f.amounts[1] END,"
+		"         amount2 = CASE WHEN f.effect IS NULL THEN l.amount2 ELSE f.amounts[2] END,"
+		"         amount3 = CASE WHEN f.effect IS NULL THEN l.amount3 ELSE f.amounts[3] END,"
 		"         synced_at = now()"
 		"    FROM f"
 		"   WHERE l.uuid = f.id AND f.act AND f.why IS NULL AND f.change = 'changed'"
+		"),"
+		/*
+		 * The journal (when consistency_manager.events is on): one event
+		 * per transaction created or changed and per new dead letter, in
+		 * queue order; the effects wait in cm.batch_effect for the account
+		 * step, which knows the accounts' values before and after.
+		 */
+		" ev AS ("
+		"  INSERT INTO cm.event (source_id, uuid, accountid, event_type, payload)"
+		"  SELECT $1, q.id, q.accountid, q.event_type, q.payload"
+		"    FROM (SELECT f.queue_id, f.id, f.accountid,"
+		"                 CASE WHEN f.why IS NOT NULL THEN 'dead_lettered'"
+		"                      WHEN f.change = 'new' THEN 'transaction_created'"
+		"                      WHEN f.status IS DISTINCT FROM f.l_status THEN 'status_changed'"
+		"                      ELSE 'transaction_updated' END AS event_type,"
+		"                 to_jsonb(ROW(" QUEUE_ROW ", f.portfolio_status, f.l_status, f.adopted,"
+		"                              f.why)::cm.event_change) AS payload"
+		"            FROM f"
+		"           WHERE ((f.act AND f.why IS NULL) OR (f.why IS NOT NULL AND f.fresh))"
+		"             AND current_setting('consistency_manager.events')::boolean"
+		"           ORDER BY f.queue_id) q"
+		"),"
+		" be AS ("
+		"  INSERT INTO cm.batch_effect (source_id, queue_id, uuid, accountid, event_type, queue_row,"
+		"                               policy, kind, factors, amounts)"
+		"  SELECT $1, q.queue_id, q.id, q.accountid, q.event_type, q.queue_row, q.eff_pol, q.kind,"
+		"         q.factors, q.amounts"
+		"    FROM (SELECT f.queue_id, f.id, f.accountid, f.eff_pol, f.kind, " QUEUE_ROW " AS queue_row,"
+		"                 CASE f.effect WHEN 'apply' THEN 'effect_applied' ELSE 'effect_compensated' END AS event_type,"
+		"                 CASE WHEN f.effect = 'apply' THEN f.factors"
+		"                      WHEN f.eff_pol = 'market_delta' THEN ARRAY[1 / f.l_f1, 1 / f.l_f2, 1 / f.l_f3] END AS factors,"
+		"                 CASE WHEN f.effect = 'apply' THEN f.amounts"
+		"                      WHEN f.eff_pol = 'amount' THEN ARRAY[-f.l_a1, -f.l_a2, -f.l_a3] END AS amounts"
+		"            FROM f"
+		"           WHERE f.act AND f.why IS NULL AND f.effect IS NOT NULL AND f.eff_pol <> 'none'"
+		"             AND current_setting('consistency_manager.events')::boolean"
+		"           ORDER BY f.queue_id) q"
 		")"
 		" SELECT count(*) AS rows_read,"
 		"        count(*) FILTER (WHERE f.act AND f.why IS NULL AND f.change = 'new') AS created,"
@@ -488,12 +575,16 @@ cm_sql_process(const char *portfolios, const char *transactions,
  * The factors of every account the cycle changes, as one row per account:
  * cm.batch_account holds one row per account and processed batch (a
  * source's dead letters, its new rows, the next source...), and factors
- * compose by multiplication.
+ * compose by multiplication, amounts by addition.  The new value of a
+ * column is round(round(old * factor) + amount): factors first, then amounts
+ * (with no amount, exactly the market_delta rule).
  */
 #define ACCOUNT_FACTORS \
 	"SELECT f.accountid,\n" \
 	"       cm.product(f.iv1) AS iv1, cm.product(f.iv2) AS iv2, cm.product(f.iv3) AS iv3,\n" \
 	"       cm.product(f.wd1) AS wd1, cm.product(f.wd2) AS wd2, cm.product(f.wd3) AS wd3,\n" \
+	"       coalesce(sum(f.ad1), 0) AS ad1, coalesce(sum(f.ad2), 0) AS ad2,\n" \
+	"       coalesce(sum(f.ad3), 0) AS ad3,\n" \
 	"       max(f.vs1) AS vs1, max(f.vs2) AS vs2, max(f.vs3) AS vs3,\n" \
 	"       max(f.as1) AS as1, max(f.as2) AS as2, max(f.as3) AS as3\n" \
 	"  FROM cm.batch_account f\n" \
@@ -514,7 +605,10 @@ cm_sql_process(const char *portfolios, const char *transactions,
  * The new values are computed from the locked rows, the very values the
  * UPDATE will read.  An account whose new value would not fit (returned
  * with the reason) makes the cycle redo its local phase with that account's
- * effects dead-lettered; the common case returns no row.
+ * effects dead-lettered; one whose tier would fall below zero through the
+ * amounts taken from it (amount policy) is returned with the third column
+ * true, and only the effects that take an amount are dead-lettered.  The
+ * common case returns no row.
  */
 char *
 cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid)
@@ -545,12 +639,13 @@ cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid)
 		"),\n"
 		"new_value AS (\n"
 		"  SELECT l.accountid,\n"
-		"         cm.round_to(l.tier1_value * f.iv1, f.vs1) AS v1,\n"
-		"         cm.round_to(l.tier2_value * f.iv2, f.vs2) AS v2,\n"
-		"         cm.round_to(l.tier3_value * f.iv3, f.vs3) AS v3,\n"
-		"         cm.round_to(l.tier1_allocation * f.wd1, f.as1) AS a1,\n"
-		"         cm.round_to(l.tier2_allocation * f.wd2, f.as2) AS a2,\n"
-		"         cm.round_to(l.tier3_allocation * f.wd3, f.as3) AS a3\n"
+		"         cm.round_to(cm.round_to(l.tier1_value * f.iv1, f.vs1) + f.ad1, f.vs1) AS v1,\n"
+		"         cm.round_to(cm.round_to(l.tier2_value * f.iv2, f.vs2) + f.ad2, f.vs2) AS v2,\n"
+		"         cm.round_to(cm.round_to(l.tier3_value * f.iv3, f.vs3) + f.ad3, f.vs3) AS v3,\n"
+		"         cm.round_to(cm.round_to(l.tier1_allocation * f.wd1, f.as1) + f.ad1, f.as1) AS a1,\n"
+		"         cm.round_to(cm.round_to(l.tier2_allocation * f.wd2, f.as2) + f.ad2, f.as2) AS a2,\n"
+		"         cm.round_to(cm.round_to(l.tier3_allocation * f.wd3, f.as3) + f.ad3, f.as3) AS a3,\n"
+		"         f.ad1, f.ad2, f.ad3\n"
 		"    FROM locked l JOIN account_factor f ON f.accountid = l.accountid\n"
 		"),\n"
 		"verdict AS (\n"
@@ -566,12 +661,29 @@ cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid)
 		"          WHEN abs(n.a3) >= k.al3 THEN format('tier 3 allocation %%s would not fit %%s.tier3_allocation', n.a3, %2$u::oid::regclass)\n"
 		"          WHEN abs(n.a1 + n.a2 + n.a3) >= k.al4 THEN\n"
 		"               format('total allocation %%s would not fit %%s.total_allocation', n.a1 + n.a2 + n.a3, %2$u::oid::regclass)\n"
-		"         END AS overflow\n"
+		"         END AS overflow,\n"
+		"         CASE\n"
+		"          WHEN n.ad1 < 0 AND least(n.v1, n.a1) < 0 THEN\n"
+		"               format('tier 1 would fall below zero (value %%s, allocation %%s): account %%s holds less than the amount taken from it',\n"
+		"                      n.v1, n.a1, n.accountid)\n"
+		"          WHEN n.ad2 < 0 AND least(n.v2, n.a2) < 0 THEN\n"
+		"               format('tier 2 would fall below zero (value %%s, allocation %%s): account %%s holds less than the amount taken from it',\n"
+		"                      n.v2, n.a2, n.accountid)\n"
+		"          WHEN n.ad3 < 0 AND least(n.v3, n.a3) < 0 THEN\n"
+		"               format('tier 3 would fall below zero (value %%s, allocation %%s): account %%s holds less than the amount taken from it',\n"
+		"                      n.v3, n.a3, n.accountid)\n"
+		"         END AS negative\n"
 		"    FROM new_value n CROSS JOIN limits k\n"
 		")\n"
-		"SELECT v.accountid, v.overflow FROM verdict v WHERE v.overflow IS NOT NULL",
+		"SELECT v.accountid, coalesce(v.overflow, v.negative), v.overflow IS NULL\n"
+		"  FROM verdict v WHERE v.overflow IS NOT NULL OR v.negative IS NOT NULL",
 		portfolios, portfolios_oid);
 }
+
+/* An account's tier values and allocations, for the journal (alias p). */
+#define PORTFOLIO_ROW \
+	"ROW(p.tier1_value, p.tier2_value, p.tier3_value, p.total_value, p.tier1_allocation," \
+	" p.tier2_allocation, p.tier3_allocation, p.total_allocation)::cm.event_account"
 
 /*
  * The cycle's last step, part two: apply each account's factors to the row
@@ -597,24 +709,64 @@ cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid)
 char *
 cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
 {
+	const char *set_list =
+		"   SET tier1_value = cm.round_to(cm.round_to(p.tier1_value * n.iv1, n.vs1) + n.ad1, n.vs1),\n"
+		"       tier2_value = cm.round_to(cm.round_to(p.tier2_value * n.iv2, n.vs2) + n.ad2, n.vs2),\n"
+		"       tier3_value = cm.round_to(cm.round_to(p.tier3_value * n.iv3, n.vs3) + n.ad3, n.vs3),\n"
+		"       total_value = cm.round_to(cm.round_to(p.tier1_value * n.iv1, n.vs1) + n.ad1, n.vs1)\n"
+		"                   + cm.round_to(cm.round_to(p.tier2_value * n.iv2, n.vs2) + n.ad2, n.vs2)\n"
+		"                   + cm.round_to(cm.round_to(p.tier3_value * n.iv3, n.vs3) + n.ad3, n.vs3),\n"
+		"       tier1_allocation = cm.round_to(cm.round_to(p.tier1_allocation * n.wd1, n.as1) + n.ad1, n.as1),\n"
+		"       tier2_allocation = cm.round_to(cm.round_to(p.tier2_allocation * n.wd2, n.as2) + n.ad2, n.as2),\n"
+		"       tier3_allocation = cm.round_to(cm.round_to(p.tier3_allocation * n.wd3, n.as3) + n.ad3, n.as3),\n"
+		"       total_allocation = cm.round_to(cm.round_to(p.tier1_allocation * n.wd1, n.as1) + n.ad1, n.as1)\n"
+		"                        + cm.round_to(cm.round_to(p.tier2_allocation * n.wd2, n.as2) + n.ad2, n.as2)\n"
+		"                        + cm.round_to(cm.round_to(p.tier3_allocation * n.wd3, n.as3) + n.ad3, n.as3)";
+
+	if (subset)
+		return psprintf(
+			"UPDATE %1$s p\n"
+			"%4$s%2$s\n"
+			"  FROM (" ACCOUNT_FACTORS ") n\n"
+			" WHERE p.accountid = n.accountid%3$s",
+			portfolios, set_updated_at ? ",\n       updated_at = now()" : "",
+			" AND p.accountid = ANY ($1::text[])", set_list);
+
+	/*
+	 * The whole write, with its journal: one event per effect in
+	 * cm.batch_effect, with the account's values before (b: read in the
+	 * same snapshot as the UPDATE, so before it, and under the lock the
+	 * account step took) and after (RETURNING: what the UPDATE wrote,
+	 * triggers included).  Several effects on one account in a cycle are
+	 * one combined update, so each of them carries the values before and
+	 * after that update, and how many effects it combined.  The values are
+	 * turned into jsonb once per account, not once per effect.
+	 */
 	return psprintf(
-		"UPDATE %1$s p\n"
-		"   SET tier1_value = cm.round_to(p.tier1_value * n.iv1, n.vs1),\n"
-		"       tier2_value = cm.round_to(p.tier2_value * n.iv2, n.vs2),\n"
-		"       tier3_value = cm.round_to(p.tier3_value * n.iv3, n.vs3),\n"
-		"       total_value = cm.round_to(p.tier1_value * n.iv1, n.vs1)\n"
-		"                   + cm.round_to(p.tier2_value * n.iv2, n.vs2)\n"
-		"                   + cm.round_to(p.tier3_value * n.iv3, n.vs3),\n"
-		"       tier1_allocation = cm.round_to(p.tier1_allocation * n.wd1, n.as1),\n"
-		"       tier2_allocation = cm.round_to(p.tier2_allocation * n.wd2, n.as2),\n"
-		"       tier3_allocation = cm.round_to(p.tier3_allocation * n.wd3, n.as3),\n"
-		"       total_allocation = cm.round_to(p.tier1_allocation * n.wd1, n.as1)\n"
-		"                        + cm.round_to(p.tier2_allocation * n.wd2, n.as2)\n"
-		"                        + cm.round_to(p.tier3_allocation * n.wd3, n.as3)%2$s\n"
-		"  FROM (" ACCOUNT_FACTORS ") n\n"
-		" WHERE p.accountid = n.accountid%3$s",
-		portfolios, set_updated_at ? ",\n       updated_at = now()" : "",
-		subset ? " AND p.accountid = ANY ($1::text[])" : "");
+		"WITH b AS MATERIALIZED (\n"
+		"  SELECT p.accountid,\n"
+		"         to_jsonb(" PORTFOLIO_ROW ") AS v\n"
+		"    FROM %1$s p\n"
+		"   WHERE p.accountid IN (SELECT e.accountid FROM cm.batch_effect e)\n"
+		"),\n"
+		"u AS (\n"
+		"  UPDATE %1$s p\n"
+		"%3$s%2$s\n"
+		"    FROM (" ACCOUNT_FACTORS ") n\n"
+		"   WHERE p.accountid = n.accountid\n"
+		"  RETURNING p.accountid, to_jsonb(" PORTFOLIO_ROW ") AS v\n"
+		")\n"
+		"INSERT INTO cm.event (source_id, uuid, accountid, event_type, payload)\n"
+		"SELECT q.source_id, q.uuid, q.accountid, q.event_type, q.payload\n"
+		"  FROM (SELECT e.source_id, e.uuid, e.accountid, e.event_type,\n"
+		"               to_jsonb(ROW(e.queue_row, e.policy, e.kind, e.factors, e.amounts)::cm.event_effect)\n"
+		"               || jsonb_build_object('before', b.v, 'after', u.v,\n"
+		"                                     'effects_in_cycle', count(*) OVER (PARTITION BY e.accountid)) AS payload\n"
+		"          FROM cm.batch_effect e\n"
+		"          JOIN b ON b.accountid = e.accountid\n"
+		"          JOIN u ON u.accountid = e.accountid\n"
+		"         ORDER BY e.accountid, e.ord) q",
+		portfolios, set_updated_at ? ",\n       updated_at = now()" : "", set_list);
 }
 
 /*
@@ -713,9 +865,10 @@ const char *cm_sql_clear_batch = "TRUNCATE cm.batch";
 const char *cm_sql_delete_batch = "DELETE FROM cm.batch";
 
 /* Empty the staging tables at the end of a cycle; all of them, when truncating. */
-const char *cm_sql_clear_stage = "TRUNCATE cm.stage, cm.batch, cm.batch_account";
+const char *cm_sql_clear_stage = "TRUNCATE cm.stage, cm.batch, cm.batch_account, cm.batch_effect";
 const char *cm_sql_delete_stage =
-	"WITH s AS (DELETE FROM cm.stage) DELETE FROM cm.batch_account";
+	"WITH s AS (DELETE FROM cm.stage), e AS (DELETE FROM cm.batch_effect)"
+	" DELETE FROM cm.batch_account";
 
 /* Record a cycle that did something, and prune what is past retention. */
 const char *cm_sql_history =
@@ -751,19 +904,63 @@ const char *cm_sql_copy_stage =
  * the dead letter is new.
  */
 const char *cm_sql_dead_letter_staged =
-	"INSERT INTO cm.dead_letter AS d (source_id, queue_id, uuid, accountid, transaction_type,\n"
-	"                                 tier_1, tier_2, tier_3, status, created_at, updated_at, reason)\n"
-	"SELECT s.source_id, s.queue_id, s.uuid, s.accountid, s.transaction_type,\n"
-	"       s.tier_1, s.tier_2, s.tier_3, s.status, s.created_at, s.updated_at, $2\n"
-	"  FROM cm.stage s WHERE s.ctid = $1\n"
-	"ON CONFLICT (source_id, queue_id) DO UPDATE\n"
-	"   SET uuid = excluded.uuid, accountid = excluded.accountid,\n"
-	"       transaction_type = excluded.transaction_type, tier_1 = excluded.tier_1,\n"
-	"       tier_2 = excluded.tier_2, tier_3 = excluded.tier_3, status = excluded.status,\n"
-	"       created_at = excluded.created_at, updated_at = excluded.updated_at,\n"
-	"       reason = excluded.reason, last_seen = now(),\n"
-	"       attempts = d.attempts + (d.last_seen < now())::int\n"
-	"RETURNING d.xmax = 0";
+	"WITH d AS (\n"
+	"  INSERT INTO cm.dead_letter AS d (source_id, queue_id, uuid, accountid, transaction_type,\n"
+	"                                   tier_1, tier_2, tier_3, status, created_at, updated_at, reason)\n"
+	"  SELECT s.source_id, s.queue_id, s.uuid, s.accountid, s.transaction_type,\n"
+	"         s.tier_1, s.tier_2, s.tier_3, s.status, s.created_at, s.updated_at, $2\n"
+	"    FROM cm.stage s WHERE s.ctid = $1\n"
+	"  ON CONFLICT (source_id, queue_id) DO UPDATE\n"
+	"     SET uuid = excluded.uuid, accountid = excluded.accountid,\n"
+	"         transaction_type = excluded.transaction_type, tier_1 = excluded.tier_1,\n"
+	"         tier_2 = excluded.tier_2, tier_3 = excluded.tier_3, status = excluded.status,\n"
+	"         created_at = excluded.created_at, updated_at = excluded.updated_at,\n"
+	"         reason = excluded.reason, last_seen = now(),\n"
+	"         attempts = d.attempts + (d.last_seen < now())::int\n"
+	"  RETURNING d.xmax = 0 AS fresh, d.source_id, d.queue_id, d.uuid AS uuid_text, d.accountid,\n"
+	"            d.transaction_type, d.tier_1, d.tier_2, d.tier_3, d.status, d.created_at,\n"
+	"            d.updated_at, d.reason),\n"
+	/* a new dead letter is journalled, as in the processing statement */
+	"ev AS (\n"
+	"  INSERT INTO cm.event (source_id, uuid, accountid, event_type, payload)\n"
+	"  SELECT f.source_id, cm.try_uuid(f.uuid_text), f.accountid, 'dead_lettered',\n"
+	"         to_jsonb(ROW(" QUEUE_ROW ", NULL, NULL, NULL, f.reason)::cm.event_change)\n"
+	"    FROM d f\n"
+	"   WHERE f.fresh AND current_setting('consistency_manager.events')::boolean)\n"
+	"SELECT d.fresh FROM d";
+
+/* The last event_id of the journal (0 when empty). */
+const char *cm_sql_journal_end =
+	"SELECT coalesce(max(event_id), 0)::bigint FROM cm.event";
+
+/*
+ * After a cycle's writes: one NOTIFY for the events after $1, if any, and
+ * the removal of at most 10,000 events older than $2 seconds that every
+ * consumer has acknowledged (all of them when there is no consumer).
+ *
+ * The removal is a batch DELETE at the head of the journal: the oldest
+ * event_ids, found through the primary key, so each cycle removes a bounded
+ * number of rows at about the rate it adds them, and the pages it frees are
+ * reused by the inserts after vacuum; the table stays at about the size of
+ * the retention window.  (Rotating partitions would free space without
+ * vacuum, but the journal is an extension table that pg_dump must dump and
+ * Debezium must read as one table.)  An event after some consumer's offset
+ * is never removed.
+ */
+const char *cm_sql_journal_announce =
+	"WITH gone AS (\n"
+	"  DELETE FROM cm.event e\n"
+	"   WHERE e.event_id IN (SELECT o.event_id FROM cm.event o\n"
+	"                         WHERE o.event_id <= (SELECT coalesce(min(c.acked_id), $1) FROM cm.consumer c)\n"
+	"                           AND o.event_id <= $1\n"
+	"                           AND o.occurred_at < now() - make_interval(secs => $2)\n"
+	"                         ORDER BY o.event_id LIMIT 10000)\n"
+	"  RETURNING 1)\n"
+	"SELECT pg_catalog.pg_notify('consistency_manager',\n"
+	"                            json_build_object('first_event_id', m.lo, 'last_event_id', m.hi)::text),\n"
+	"       (SELECT count(*) FROM gone)\n"
+	"  FROM (SELECT min(event_id) AS lo, max(event_id) AS hi FROM cm.event WHERE event_id > $1) m\n"
+	" WHERE m.hi IS NOT NULL";
 
 /* The accounts the cycle is about to write, in key order. */
 const char *cm_sql_batch_accounts =

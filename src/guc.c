@@ -31,6 +31,8 @@ int			cm_cycle_timeout = 600000;
 char	   *cm_portfolio_schema = NULL;
 int			cm_max_databases = 32;
 int			cm_reconcile_interval = 0;
+bool		cm_events = true;
+int			cm_event_retention = 7 * 24 * 3600;
 
 /*
  * cm_define_gucs
@@ -181,6 +183,24 @@ cm_define_gucs(void)
 							32, 1, 10000,
 							start_context,
 							0,
+							NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("consistency_manager.events",
+							 "Whether the sync cycle writes the event journal (cm.event).",
+							 "Off: no event is written and no NOTIFY sent; consumers see nothing new.",
+							 &cm_events,
+							 true,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomIntVariable("consistency_manager.event_retention",
+							"How long acknowledged events are kept in cm.event.",
+							"An event is removed only once every consumer has acknowledged it.",
+							&cm_event_retention,
+							7 * 24 * 3600, 0, PG_INT32_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("consistency_manager");

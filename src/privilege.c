@@ -98,8 +98,10 @@ typedef struct CmPrivilege
  * CONFLICT DO UPDATE, DELETE) and cm.batch_account, records in
  * cm.discarded the dead letters whose queue row was deleted (INSERT ... ON
  * CONFLICT DO UPDATE), empties the scratch tables with DELETE or TRUNCATE, and
- * appends to (and prunes) cm.cycle_history.  The
- * identity column of cm.cycle_history needs no privilege on its sequence.
+ * appends to (and prunes) cm.cycle_history.  It journals its effects
+ * through cm.batch_effect into cm.event, and prunes cm.event up to the
+ * offsets of cm.consumer.  The identity columns of cm.cycle_history,
+ * cm.batch_effect and cm.event need no privilege on their sequences.
  */
 static const struct
 {
@@ -117,6 +119,9 @@ static const struct
 	{"batch_account", ACL_SELECT | ACL_INSERT | ACL_DELETE | ACL_TRUNCATE},
 	{"cycle_history", ACL_SELECT | ACL_INSERT | ACL_DELETE},
 	{"discarded", ACL_SELECT | ACL_INSERT | ACL_UPDATE},
+	{"batch_effect", ACL_SELECT | ACL_INSERT | ACL_DELETE | ACL_TRUNCATE},
+	{"event", ACL_SELECT | ACL_INSERT | ACL_DELETE},
+	{"consumer", ACL_SELECT},
 };
 
 /* The only columns of cm.source the cycle writes (its read position and state). */

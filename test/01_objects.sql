@@ -143,7 +143,7 @@ SELECT set_eq($$
      WHERE has_function_privilege('pg_monitor', p.oid, 'EXECUTE')
 $$, $$VALUES ('cm_stats'), ('cm_health'), ('cm_status'), ('cm_sources'), ('cm_tier_deltas'),
              ('cm_dead_letters'), ('cm_cycle_history'), ('cm_cycle_lock'), ('cm_progress'),
-             ('cm_reconciliation_summary'), ('cm_reconciliation_report'), ('cm_last_reconciliation')$$,
+             ('cm_reconciliation_summary'), ('cm_reconciliation_report'), ('cm_last_reconciliation'), ('cm_consumers')$$,
     'pg_monitor may execute exactly the read-only monitoring functions');
 
 SELECT is_empty($$
@@ -185,8 +185,16 @@ $$, $$VALUES ('cm_tier_deltas', 'search_path=pg_catalog, pg_temp'),
              ('cm_reconciliation_summary', 'search_path=pg_catalog, pg_temp'),
              ('cm_reconciliation_report', 'search_path=pg_catalog, pg_temp'),
              ('cm_last_reconciliation', 'search_path=pg_catalog, pg_temp'),
-             ('cm_progress', 'search_path=pg_catalog, pg_temp')$$,
-    'the SECURITY DEFINER cm_* functions are these eighteen, each with search_path = pg_catalog, pg_temp');
+             ('cm_progress', 'search_path=pg_catalog, pg_temp'),
+             ('cm_set_effect_policy', 'search_path=pg_catalog, pg_temp'),
+             ('cm_consumer_create', 'search_path=pg_catalog, pg_temp'),
+             ('cm_consumer_drop', 'search_path=pg_catalog, pg_temp'),
+             ('cm_events', 'search_path=pg_catalog, pg_temp'),
+             ('cm_events_ack', 'search_path=pg_catalog, pg_temp'),
+             ('cm_consumers', 'search_path=pg_catalog, pg_temp'),
+             ('cm_account_history', 'search_path=pg_catalog, pg_temp'),
+             ('cm_verify_accounts', 'search_path=pg_catalog, pg_temp')$$,
+    'the SECURITY DEFINER cm_* functions are these twenty-six, each with search_path = pg_catalog, pg_temp');
 
 SELECT is(
     (SELECT format('%s %s', l.lanname, p.prosecdef::text) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang

@@ -51,6 +51,8 @@ CREATE SERVER queue_server FOREIGN DATA WRAPPER postgres_fdw
     OPTIONS (host '127.0.0.1', port '$PORT', dbname 'queue');
 CREATE USER MAPPING FOR postgres SERVER queue_server OPTIONS (user 'postgres');
 SELECT * FROM cm_attach_queue('queue_server');
+-- a consumer of the event journal, reading from its start
+SELECT cm_consumer_create('demo', true);
 -- markets moved: tier 1 +5 %, tier 2 -2 %, tier 3 +10 %
 SELECT cm_set_tier_values(1, 1000000, 1050000);
 SELECT cm_set_tier_values(2, 2000000, 1960000);
@@ -119,6 +121,10 @@ SELECT status, queue.n AS \"queue-db\", portfolio.n AS portfolio, coalesce(dead.
        coalesce(queue.n, 0) = coalesce(portfolio.n, 0) + coalesce(dead.n, 0) AS agree
   FROM queue FULL JOIN portfolio USING (status) FULL JOIN dead USING (status) ORDER BY 1"
 show "portfolios after" "SELECT accountid, tier1_value, tier2_value, tier3_value, total_value, total_allocation FROM user_portfolios ORDER BY 1 LIMIT 4"
+show "what moved ACC001: cm_account_history('ACC001')" "SELECT event_id, event_type, uuid, policy, before->>'tier1_value' AS tier1_before, after->>'tier1_value' AS tier1_after, before->>'total_value' AS total_before, after->>'total_value' AS total_after FROM cm_account_history('ACC001')"
+show "a consumer reads the journal: cm_events('demo', 5)" "SELECT event_id, event_type, accountid, uuid, payload->'queue_row'->>'status' AS queue_status FROM cm_events('demo', 5)"
+show "and acknowledges what it read: cm_events_ack, cm_consumers()" "SELECT cm_events_ack('demo', (SELECT max(event_id) FROM cm_events('demo', 5))); SELECT name, acked_id, last_event_id, lag_events FROM cm_consumers()"
+show "every account equals the after of its last event: cm_verify_accounts()" "SELECT count(*) AS accounts_changed_outside_the_cycle FROM cm_verify_accounts()"
 show "health" "SELECT * FROM cm_health()"
 echo
 echo "== done; stopping the cluster"

@@ -122,6 +122,9 @@ BEGIN
          WHERE s.enabled AND s.reimported_at > now() - interval '1 day'
          ORDER BY s.source_id);
 
+    -- consumers of the event journal that fall behind (46_events.sql)
+    notes := notes || cm.consumer_lag_notes();
+
     -- the sync role: superuser (a warning), privileges, user mappings (30_privileges.sql)
     SELECT * INTO sync FROM cm.sync_role_health();
     problems := problems || sync.problems;

@@ -1,0 +1,270 @@
+/*
+ * The event journal (outbox) and its consumers.
+ *
+ * cm.event is append-only: the sync cycle writes one row per transaction
+ * created, status changed, effect applied or compensated and row
+ * dead-lettered, set-based, in the cycle's own transaction, and announces
+ * each committed cycle that wrote some with one NOTIFY consistency_manager
+ * (payload: first and last event_id).
+ *
+ * event_id is strictly increasing in commit order, so a consumer that
+ * reads "event_id > my offset" never skips an event: only the cycle writes
+ * the journal (no other role has INSERT), the cycle holds the cycle lock
+ * (an advisory lock at transaction level) from before its first event to
+ * after its commit is visible, and the identity is only ever drawn inside
+ * a cycle.  So every id of a cycle is greater than every id of the cycles
+ * committed before it, and a reader that sees a cycle sees all earlier
+ * ones.  A cycle rolled back leaves a gap in the ids, never a late id.
+ *
+ * Consumers are named offsets in cm.consumer, advanced by cm_events_ack()
+ * in the caller's transaction: a consumer that writes its results in this
+ * database and acknowledges in the same transaction processes each event
+ * exactly once.
+ */
+
+CREATE TABLE cm.event (
+    event_id    bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+    occurred_at timestamptz NOT NULL DEFAULT now(),
+    source_id   integer,
+    uuid        uuid,
+    accountid   text,
+    event_type  text NOT NULL
+        CONSTRAINT event_event_type_check CHECK (event_type IN ('transaction_created', 'status_changed',
+            'transaction_updated', 'effect_applied', 'effect_compensated', 'dead_lettered')),
+    payload     jsonb NOT NULL
+);
+-- an account's effects (cm_account_history, cm_verify_accounts); the other
+-- events stay out of it, which halves the index's cost to the cycle
+CREATE INDEX event_account_effect_idx ON cm.event (accountid, event_id)
+    WHERE event_type IN ('effect_applied', 'effect_compensated');
+COMMENT ON TABLE cm.event IS 'append-only journal of the sync cycle (outbox): one row per transaction created, status changed, effect applied or compensated and row dead-lettered; event_id increases in commit order';
+COMMENT ON COLUMN cm.event.event_id IS 'position in the journal: strictly increasing in commit order (only the sync cycle writes it, under the cycle lock)';
+COMMENT ON COLUMN cm.event.occurred_at IS 'start of the cycle''s transaction that wrote the event';
+COMMENT ON COLUMN cm.event.event_type IS 'transaction_created, status_changed, transaction_updated, effect_applied, effect_compensated or dead_lettered';
+COMMENT ON COLUMN cm.event.payload IS 'the queue row, and for effects the policy, the factors or amounts, and the account''s tier values and allocations before and after the cycle''s update of the account';
+REVOKE ALL ON cm.event FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('cm.event', '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('cm.event', 'event_id')::pg_catalog.regclass, '');
+
+CREATE VIEW cm.event_outbox AS
+    SELECT e.event_id AS id, 'account'::text AS aggregatetype, e.accountid AS aggregateid,
+           e.event_type AS type, e.payload, e.occurred_at, e.source_id, e.uuid
+      FROM cm.event e;
+COMMENT ON VIEW cm.event_outbox IS 'cm.event with the column names of Debezium''s outbox event router (id, aggregatetype, aggregateid, type, payload); Debezium itself reads cm.event with the field mappings of the README';
+REVOKE ALL ON cm.event_outbox FROM PUBLIC;
+
+CREATE TABLE cm.consumer (
+    name        text PRIMARY KEY CONSTRAINT consumer_name_check CHECK (btrim(name) <> ''),
+    acked_id    bigint NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_by  name NOT NULL DEFAULT session_user,
+    acked_at    timestamptz
+);
+COMMENT ON TABLE cm.consumer IS 'named readers of cm.event and their committed offsets (the last event_id each acknowledged)';
+COMMENT ON COLUMN cm.consumer.acked_id IS 'last event_id acknowledged: cm_events() returns the events after it';
+REVOKE ALL ON cm.consumer FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('cm.consumer', '');
+
+CREATE FUNCTION @extschema@.cm_consumer_create(name text, from_start boolean DEFAULT false)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    start bigint;
+BEGIN
+    IF name IS NULL OR btrim(name) = '' THEN
+        RAISE EXCEPTION 'a consumer needs a name'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'For example SELECT cm_consumer_create(''notifications'');';
+    END IF;
+    start := CASE WHEN from_start THEN 0 ELSE coalesce((SELECT max(e.event_id) FROM cm.event e), 0) END;
+    INSERT INTO cm.consumer AS c (name, acked_id) VALUES (cm_consumer_create.name, start)
+        ON CONFLICT ON CONSTRAINT consumer_pkey DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % already exists', quote_literal(name)
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'Read its events with cm_events(), or choose another name.';
+    END IF;
+    RETURN start;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.cm_consumer_create(text, boolean) IS 'register a consumer of the event journal; it reads the events after the current end (or all those retained, with from_start); returns its offset';
+REVOKE ALL ON FUNCTION @extschema@.cm_consumer_create(text, boolean) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.cm_consumer_drop(name text)
+    RETURNS boolean
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    DELETE FROM cm.consumer c WHERE c.name = cm_consumer_drop.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'See SELECT * FROM cm_consumers();';
+    END IF;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.cm_consumer_drop(text) IS 'forget a consumer of the event journal (its unacknowledged events no longer hold back retention)';
+REVOKE ALL ON FUNCTION @extschema@.cm_consumer_drop(text) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.cm_events(consumer text, max_events integer DEFAULT 1000)
+    RETURNS SETOF cm.event
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    offs bigint;
+BEGIN
+    IF max_events IS NULL OR max_events < 0 THEN
+        RAISE EXCEPTION 'max_events must be zero or more, not %', coalesce(max_events::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The default is 1000 events per call.';
+    END IF;
+    SELECT c.acked_id INTO offs FROM cm.consumer c WHERE c.name = consumer;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', coalesce(quote_literal(consumer), 'NULL')
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it first: SELECT cm_consumer_create(''name'');';
+    END IF;
+    RETURN QUERY SELECT e.* FROM cm.event e WHERE e.event_id > offs
+                  ORDER BY e.event_id LIMIT max_events;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.cm_events(text, integer) IS 'the next events of the journal for a consumer (after its acknowledged offset, oldest first, at most max_events); reading does not move the offset: acknowledge with cm_events_ack()';
+REVOKE ALL ON FUNCTION @extschema@.cm_events(text, integer) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.cm_events_ack(consumer text, event_id bigint)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    offs bigint;
+    last bigint;
+BEGIN
+    SELECT c.acked_id INTO offs FROM cm.consumer c WHERE c.name = consumer FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer % does not exist', coalesce(quote_literal(consumer), 'NULL')
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it first: SELECT cm_consumer_create(''name'');';
+    END IF;
+    IF event_id IS NULL THEN
+        RAISE EXCEPTION 'event_id must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Acknowledge the event_id of the last event processed.';
+    END IF;
+    IF event_id <= offs THEN
+        RETURN offs;            -- acknowledged already
+    END IF;
+    SELECT max(e.event_id) INTO last FROM cm.event e;
+    IF last IS NULL OR event_id > last THEN
+        RAISE EXCEPTION 'cannot acknowledge event % for consumer %: the journal ends at %',
+                        event_id, quote_literal(consumer), coalesce(last, offs)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Acknowledge the event_id of an event cm_events() returned.';
+    END IF;
+    UPDATE cm.consumer c SET acked_id = event_id, acked_at = now() WHERE c.name = consumer;
+    RETURN event_id;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.cm_events_ack(text, bigint) IS 'commit a consumer''s offset: the events up to event_id are processed; takes effect when the caller''s transaction commits; returns the offset';
+REVOKE ALL ON FUNCTION @extschema@.cm_events_ack(text, bigint) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.cm_consumers()
+    RETURNS TABLE (name text, acked_id bigint, last_event_id bigint, lag_events bigint,
+                   oldest_unacked_at timestamptz, created_at timestamptz, acked_at timestamptz)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT c.name, c.acked_id, l.last_id,
+               (SELECT count(*) FROM cm.event e WHERE e.event_id > c.acked_id),
+               (SELECT e.occurred_at FROM cm.event e WHERE e.event_id > c.acked_id
+                 ORDER BY e.event_id LIMIT 1),
+               c.created_at, c.acked_at
+          FROM cm.consumer c
+         CROSS JOIN (SELECT max(e.event_id) AS last_id FROM cm.event e) l
+         ORDER BY c.name
+    $$;
+COMMENT ON FUNCTION @extschema@.cm_consumers() IS 'each consumer of the event journal: its acknowledged offset, the last event, how many events it has not acknowledged and since when';
+REVOKE ALL ON FUNCTION @extschema@.cm_consumers() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.cm_consumers() TO pg_monitor;
+
+CREATE FUNCTION @extschema@.cm_account_history(accountid text)
+    RETURNS TABLE (event_id bigint, occurred_at timestamptz, event_type text, source_id integer,
+                   uuid uuid, policy text, before jsonb, after jsonb, payload jsonb)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT e.event_id, e.occurred_at, e.event_type, e.source_id, e.uuid,
+               e.payload->>'policy', e.payload->'before', e.payload->'after', e.payload
+          FROM cm.event e
+         WHERE e.accountid = cm_account_history.accountid
+           AND e.event_type IN ('effect_applied', 'effect_compensated')
+         ORDER BY e.event_id
+    $$;
+COMMENT ON FUNCTION @extschema@.cm_account_history(text) IS 'the effects the sync cycle had on an account, in order, with its tier values and allocations before and after, the request uuid and the policy';
+REVOKE ALL ON FUNCTION @extschema@.cm_account_history(text) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.cm_verify_accounts()
+    RETURNS TABLE (accountid text, event_id bigint, column_name text, expected numeric, actual numeric)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    portfolios regclass := to_regclass(format('%I.user_portfolios',
+                                              current_setting('consistency_manager.portfolio_schema')));
+BEGIN
+    IF portfolios IS NULL THEN
+        RAISE EXCEPTION 'table %.user_portfolios does not exist',
+                        quote_ident(current_setting('consistency_manager.portfolio_schema'))
+            USING ERRCODE = 'undefined_table',
+                  HINT = 'Set consistency_manager.portfolio_schema to the schema of the portfolio tables.';
+    END IF;
+    RETURN QUERY EXECUTE format($q$
+        WITH last AS (
+            SELECT DISTINCT ON (e.accountid) e.accountid, e.event_id, e.payload->'after' AS after
+              FROM cm.event e
+             WHERE e.event_type IN ('effect_applied', 'effect_compensated')
+             ORDER BY e.accountid, e.event_id DESC)
+        SELECT l.accountid, l.event_id, v.col, (l.after->>v.col)::numeric, v.actual
+          FROM last l
+          LEFT JOIN %s p ON p.accountid = l.accountid
+         CROSS JOIN LATERAL (VALUES
+                ('tier1_value', p.tier1_value::numeric), ('tier2_value', p.tier2_value::numeric),
+                ('tier3_value', p.tier3_value::numeric), ('total_value', p.total_value::numeric),
+                ('tier1_allocation', p.tier1_allocation::numeric),
+                ('tier2_allocation', p.tier2_allocation::numeric),
+                ('tier3_allocation', p.tier3_allocation::numeric),
+                ('total_allocation', p.total_allocation::numeric)) v(col, actual)
+         WHERE (l.after->>v.col)::numeric IS DISTINCT FROM v.actual
+         ORDER BY l.accountid, v.col$q$, portfolios);
+END
+$$;
+COMMENT ON FUNCTION @extschema@.cm_verify_accounts() IS 'accounts whose current tier values or allocations differ from the after of their last effect in the journal (changed outside the sync cycle since), one row per differing column; none after a clean run';
+REVOKE ALL ON FUNCTION @extschema@.cm_verify_accounts() FROM PUBLIC;
+
+/*
+ * A consumer too far behind: its oldest unacknowledged event is older than
+ * consistency_manager.event_retention, so the journal keeps growing for it
+ * (retention never removes an event a consumer has not acknowledged).
+ */
+CREATE FUNCTION cm.consumer_lag_notes()
+    RETURNS text[]
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT coalesce(array_agg(format('consumer %s is %s events behind, the oldest from %s, older than consistency_manager.event_retention (%s): the journal keeps them until it acknowledges them (cm_events_ack), or drop it (cm_consumer_drop)',
+                                         quote_literal(c.name),
+                                         (SELECT count(*) FROM cm.event e WHERE e.event_id > c.acked_id),
+                                         o.occurred_at, current_setting('consistency_manager.event_retention'))
+                                  ORDER BY c.name), '{}')
+          FROM cm.consumer c
+         CROSS JOIN LATERAL (SELECT e.occurred_at FROM cm.event e WHERE e.event_id > c.acked_id
+                              ORDER BY e.event_id LIMIT 1) o
+         WHERE o.occurred_at < now() - current_setting('consistency_manager.event_retention')::interval
+    $$;
+COMMENT ON FUNCTION cm.consumer_lag_notes() IS 'what cm_health() says about consumers of the event journal whose oldest unacknowledged event is older than consistency_manager.event_retention';
+REVOKE ALL ON FUNCTION cm.consumer_lag_notes() FROM PUBLIC;
