@@ -325,8 +325,8 @@ def main():
         for x in by["sustained.lag"]:
             e = x["extra"]
             res["sustained"].append({"rows": x["rows"], **e})
-            rate = "as fast as it goes" if e["rate"] == "max" else f"paced at {e['rate']} tx/s"
-            md.append(f"| {rate}, {e['seconds']:.0f} s | {e['tps']:,.0f} | {e['rows_per_s']:,} | {fmt(e['p50_ms'], 1)} | "
+            pace = "as fast as it goes" if e["rate"] == "max" else f"paced at {e['rate']} tx/s"
+            md.append(f"| {pace}, {e['seconds']:.0f} s | {e['tps']:,.0f} | {e['rows_per_s']:,} | {fmt(e['p50_ms'], 1)} | "
                       f"{fmt(e['p99_ms'], 1)} | {fmt(e['max_ms'], 1)} | {e['cycles']}{' (' + str(e['failed_cycles']) + ' failed)' if e['failed_cycles'] else ''} | "
                       f"{fmt(e['rows_read_per_cycle'], 1)} | {fmt(e['reread_per_cycle'], 1)}, {e['reread_max']} | {fmt(e['cycle_ms_avg'], 1)}, {fmt(e['cycle_ms_max'], 1)} |")
         md.append("\n(lag: commit of the portfolio_transactions row less commit of the queue row, every row the writer inserted; "
