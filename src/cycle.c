@@ -181,19 +181,6 @@ static int	max_stage_plans = 0;
 
 static SPIPlanPtr process_plan = NULL;
 
-/*
- * A batch of at most this many rows runs the processing statement's generic
- * plan (process_small_plan), made once and kept, and made without
- * sequential scans where an index serves (a small batch probes the ledger
- * and the portfolio tables by key rather than reading them whole, however
- * few rows they held when the plan was made).  A larger one
- * is planned for its own size each time (process_plan): a catch-up's
- * batch is best joined by hashing.  The statement is some 15 kB of SQL
- * whose planning costs about as much as applying a hundred rows.  The
- * bound is the default batch_size: a page.
- */
-#define CM_SMALL_BATCH 10000
-static SPIPlanPtr process_small_plan = NULL;
 static SPIPlanPtr accounts_plan = NULL;
 static SPIPlanPtr lock_plan = NULL;
 static SPIPlanPtr move_plan = NULL;
@@ -406,9 +393,6 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 	{
 		if (process_plan != NULL)
 			SPI_freeplan(process_plan);
-		if (process_small_plan != NULL)
-			SPI_freeplan(process_small_plan);
-		process_small_plan = NULL;
 		if (accounts_plan != NULL)
 			SPI_freeplan(accounts_plan);
 		if (lock_plan != NULL)
@@ -424,9 +408,6 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 		process_plan = prepare_kept(cm_sql_process(portfolios_name, transactions_name,
 												   portfolios, transactions),
 									5, argtypes, CURSOR_OPT_CUSTOM_PLAN);
-		process_small_plan = prepare_kept(cm_sql_process(portfolios_name, transactions_name,
-														 portfolios, transactions),
-										  5, argtypes, CURSOR_OPT_GENERIC_PLAN);
 		accounts_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
 														   get_attnum(portfolios, "updated_at") != InvalidAttrNumber,
 														   false),
@@ -704,8 +685,7 @@ attach_probes(Source *sources, int nsources)
  *		cm.batch_account.
  */
 static void
-process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult *result,
-			  uint64 batch_rows)
+process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult *result)
 {
 	Datum		values[5];
 	HeapTuple	tup;
@@ -713,9 +693,7 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	bool		isnull;
 	SPIPlanPtr	accounts;
 	SPIPlanPtr	lock;
-	SPIPlanPtr	plan;
 	int64		rows;
-	int			save_nestlevel = 0;
 
 	values[0] = Int32GetDatum(source_id);
 	values[1] = deltas;
@@ -723,21 +701,7 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	values[3] = makeArrayResult(poison->reasons, CurrentMemoryContext);
 	values[4] = makeArrayResult(poison->debits, CurrentMemoryContext);
 	set_step("consistency_manager: applying changes");
-	plan = get_process_plan(&accounts, &lock);
-	if (batch_rows <= CM_SMALL_BATCH)
-	{
-		/* the kept generic plan, made (and remade) with index lookups */
-		plan = process_small_plan;
-		save_nestlevel = NewGUCNestLevel();
-		(void) set_config_option("enable_seqscan", "off", PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
-		/* what enable_seqscan adds to the cost would otherwise call for JIT */
-		(void) set_config_option("jit", "off", PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
-	}
-	run_plan(plan, values, NULL, SPI_OK_SELECT);
-	if (save_nestlevel > 0)
-		AtEOXact_GUC(true, save_nestlevel);
+	run_plan(get_process_plan(&accounts, &lock), values, NULL, SPI_OK_SELECT);
 
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -1535,7 +1499,7 @@ process_whole_pass(void *arg)
 	values[0] = Int32GetDatum(w->src->source_id);
 	values[1] = Int16GetDatum((int16) w->pass);
 	run_plan(move_plan, values, NULL, SPI_OK_INSERT);
-	process_batch(w->src->source_id, w->deltas, w->poison, w->result, SPI_processed);
+	process_batch(w->src->source_id, w->deltas, w->poison, w->result);
 }
 
 /* apply_pass, isolating: a set of staged rows, copied from cm.stage. */
@@ -1545,7 +1509,7 @@ process_row_set(void *arg)
 	PassWork   *w = (PassWork *) arg;
 
 	run_plan(copy_stage_plan, &w->tids, NULL, SPI_OK_INSERT);
-	process_batch(w->src->source_id, w->deltas, w->poison, w->result, SPI_processed);
+	process_batch(w->src->source_id, w->deltas, w->poison, w->result);
 }
 
 /*
