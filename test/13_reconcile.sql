@@ -12,7 +12,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(40);
+SELECT plan(41);
 
 \ir lib/helpers.sql
 
@@ -192,14 +192,17 @@ SELECT results_eq(format('SELECT format(%L, queue_id, kind, diagnosis, repairabl
     $$VALUES ('2001 missing: source disabled: the sync cycle does not read it (UPDATE cm.source SET enabled = true) f')$$,
     'a disabled source named explicitly: its rows are missing, diagnosed, not repairable');
 
--- the checksum goes to queue-db
-SELECT matches(pg_temp.explain(format(
-    'SELECT (q.queue_id::bigint - 1) / 32, count(*), sum(%s) FROM cm_remote.queue_server_investment_queue q'
-    ' WHERE q.queue_id >= 1 AND q.updated_at <= %L::timestamptz GROUP BY 1',
-    cm.reconcile_hash_sql('q.queue_id', 'q.status', 'q.updated_at', 'q.account_number',
-                          'q.tier_1', 'q.tier_2', 'q.tier_3', 2, 2, 2), now())),
-    'Relations: Aggregate on \(cm_remote.queue_server_investment_queue q\).*Remote SQL: SELECT .*count\(\*\), sum\(hash_numeric_extended\(round\(tier_3, 2\)',
-    'EXPLAIN VERBOSE: the count and the checksum per range are computed by queue-db');
+-- the checksums go to queue-db: the statement cm_reconcile() runs, whole
+SELECT pg_temp.explain(cm.reconcile_queue_sql(s, 1023, now(), '{1006}')) AS plan
+  FROM cm.source s WHERE s.source_id = :inv \gset
+SELECT matches(:'plan'::text,
+    '^Foreign Scan\n  Output: .*\n  Relations: Aggregate on \(cm_remote.queue_server_investment_queue q\)\n  Remote SQL: SELECT \(hashtextextended\(uuid::text, 0::bigint\) & 1023::bigint\), count\(\*\), sum\(hash_numeric_extended\(round\(tier_3, 2\), hash_numeric_extended\(round\(tier_2, 2\), hash_numeric_extended\(round\(tier_1, 2\), hashtextextended\(\(account_number::text \|\| ''#INVEST#''::text\), hashtextextended\(uuid::text, 0::bigint\)\)\)\)\)\), sum\(hashtextextended\(status::text, hashint8extended\(queue_id::bigint, 0::bigint\)\)\) FROM public.investment_queue WHERE \(\(updated_at <= .*\)\) AND \(\(queue_id::bigint <> ALL \(''\{1006\}''::bigint\[\]\)\)\) GROUP BY 1\n$',
+    'EXPLAIN VERBOSE: queue-db computes the count, the image hash and the version hash per bucket; nothing is left to do locally');
+SELECT pg_temp.explain(format('SELECT q.queue_id FROM cm_remote.queue_server_investment_queue q WHERE (%s & 1023) = ANY (%L::bigint[])',
+                              cm.reconcile_key_sql('q.uuid::text'), '{1,5,17}')) AS fetch_plan \gset
+SELECT matches(:'fetch_plan'::text,
+    '^Foreign Scan on cm_remote.queue_server_investment_queue q\n  Output: queue_id\n  Remote SQL: SELECT queue_id FROM public.investment_queue WHERE \(\(\(hashtextextended\(uuid::text, 0::bigint\) & 1023::bigint\) = ANY \(''\{1,5,17\}''::bigint\[\]\)\)\)\n$',
+    'EXPLAIN VERBOSE: the rows of the differing buckets are chosen by queue-db');
 
 -- bad calls, and who may call what
 SELECT throws_ok('SELECT cm_reconcile(amount_tolerance => -1)', '22023', NULL, 'a negative tolerance is refused');
