@@ -2,46 +2,59 @@
  * Reconciliation: prove that queue-db and user-portfolio-db agree, explain
  * every difference, and repair what can be repaired through the cycle.
  *
- * cm_reconcile() compares, for the sources it covers, without copying the
- * queue over the network and without joining the ledger with
- * portfolio_transactions:
+ * cm_reconcile() compares the sources it covers without copying the queue
+ * over the network and without joining cm.ledger with
+ * portfolio_transactions (two tables of the queue's size):
  *
- *  1. The key space is the request's uuid, split into buckets by a hash of
- *     its text (hashtextextended(lower(uuid), 0), its low bits): the one key
- *     that the queue row, its ledger entry and its portfolio_transactions
- *     row all carry, so that each side is aggregated on its own.  Queue_id
- *     ranges would follow the queue's primary key, but portfolio_transactions
- *     has no queue_id: it would have to be joined with cm.ledger, a join of
- *     two tables of the queue's size on every run.  The number of buckets is
- *     a power of two near one per 64 rows (64 to 65,536), so that the rows
- *     of a differing bucket are few enough to fetch without recursing.
- *  2. On queue-db, one aggregate per source, shipped by postgres_fdw (only
- *     built-in immutable functions, CASE with literals, = ANY of a literal
- *     array; check with EXPLAIN VERBOSE): per bucket count(*), the sum of a
- *     hash of the row's image in portfolio_transactions (uuid, status mapped
- *     through cm.status_map -- a CASE of literals built at run time --,
- *     account, transaction type, each tier rounded to the scale of its
- *     target column), and the sum of a hash of (queue_id, raw status).
- *  3. Locally, per bucket: the image hash over portfolio_transactions
- *     (absolute tier changes; withdrawals are written negative), compared
- *     with the sum over the sources; and per source over cm.ledger, count(*)
- *     and the (queue_id, status) hash -- the ledger holds the version the
- *     cycle last read -- and the entries whose applied flag disagrees with
- *     their status.  When rows of other sources (or of the application)
- *     make more than one bucket in 16 differ, portfolio_transactions is
- *     aggregated again, restricted to the ledger's rows of the sources
- *     compared.
- *  4. Only the rows of the differing buckets are fetched (one remote
- *     statement per source) and compared one by one with their ledger
- *     entries and portfolio_transactions rows, which give the kind of each
- *     difference and its diagnosis.
+ *  1. The key space is the request's uuid, cut into buckets by a hash of
+ *     its text (the low bits of hashtextextended(uuid, 0)): the one key that
+ *     a queue row, its ledger entry and its portfolio_transactions row all
+ *     carry, so that each side is aggregated on its own.  (queue_id ranges
+ *     follow the queue's primary key, but portfolio_transactions has no
+ *     queue_id: it would have to be joined with the ledger on every run.)
+ *     There are about 256 rows a bucket (64 to 65,536 buckets, from the
+ *     size of the ledger), so the rows of a differing bucket are few enough
+ *     to fetch at once, without cutting it again.
+ *  2. queue-db computes, per source and bucket, in one aggregate that
+ *     postgres_fdw ships (only built-in immutable functions and operators,
+ *     no CASE or coalesce, which PostgreSQL 15's postgres_fdw does not ship;
+ *     check with EXPLAIN VERBOSE): count(*); the image hash, what
+ *     portfolio_transactions holds of the row but its status (uuid, account,
+ *     transaction type, each tier rounded to the scale of its column); and
+ *     the version hash, (queue_id, raw status), what the ledger holds.
+ *  3. Locally, per bucket: over portfolio_transactions, count(*), the image
+ *     hash (absolute tier changes: withdrawals are written negative) and a
+ *     hash of (uuid, status), against the queue tables; per source over
+ *     cm.ledger, count(*) and the version hash against the queue table, the
+ *     hash of (uuid, status mapped through cm.status_map) against
+ *     portfolio_transactions' status hash, and whether an entry's applied
+ *     flag disagrees with its status.  A status is thus compared queue to
+ *     ledger raw, on queue-db's side, and ledger to portfolio mapped,
+ *     locally: queue-db never maps a status.  When rows of other sources (or
+ *     of the application) make more than one bucket in 16 differ,
+ *     portfolio_transactions is aggregated again, restricted to the rows the
+ *     ledger says came from the sources compared.
+ *  4. The rows of the differing buckets are fetched (one remote statement
+ *     per source) and compared one by one with their ledger entries and
+ *     portfolio_transactions rows, which gives each difference its kind and
+ *     diagnosis.
+ *
+ * A bucket's hashes are combined with bit_xor, which postgres_fdw ships and
+ * which keeps a plain bigint state (sum() over bigint keeps a numeric one,
+ * and its hash table is then estimated too large, so queue-db sorts the
+ * whole table instead of hashing it into a few thousand buckets).  Every
+ * row hash includes the row's identity (uuid or queue_id), so two rows never
+ * cancel out but by a 64-bit collision, and count(*) is compared too.  The
+ * hashes are strict: a NULL column makes the row's hash NULL; the row still
+ * counts, and a NULL on the local side makes its bucket differ.
  *
  * No timestamp enters a hash (so no precision or time zone needs to agree);
  * numbers are rounded to the target scale, and hash_numeric_extended ignores
  * trailing zeros.  A uuid spelled another way in the queue (upper case,
  * braces) lands in another bucket than its portfolio row: both buckets then
- * differ and the row is compared one by one, found equal.  The checksums
- * only choose what to fetch: what is reported is always decided row by row.
+ * differ and the row is compared one by one, and found equal.  The
+ * checksums only choose what to fetch: what is reported is always decided
+ * row by row.
  *
  * Only settled rows are compared: the checksums cover queue rows whose
  * updated_at is no later than the source's read position (watermark) when
@@ -139,9 +152,9 @@ CREATE UNLOGGED TABLE cm.reconcile_sum (
     source_id integer NOT NULL,
     bucket    bigint NOT NULL,
     n         bigint NOT NULL,
-    image     numeric,
-    version   numeric,
-    status    numeric,
+    image     bigint,
+    version   bigint,
+    status    bigint,
     bad       boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE cm.reconcile_sum IS 'scratch table of a running reconciliation: the checksums per bucket of the queue tables and of the ledger (per source) and of portfolio_transactions (source 0); emptied when the run ends';
@@ -252,7 +265,7 @@ DECLARE
     tx  regclass := cm.target_table('portfolio_transactions');
     key text := cm.reconcile_key_sql('q.uuid::text');
 BEGIN
-    RETURN format('SELECT %1$s & %2$s AS b, count(*) AS n, sum(%3$s) AS image, sum(%4$s) AS version'
+    RETURN format('SELECT %1$s & %2$s AS b, count(*) AS n, bit_xor(%3$s) AS image, bit_xor(%4$s) AS version'
                   '  FROM %5$s q WHERE q.updated_at <= %6$L::timestamptz %7$s GROUP BY 1',
                   key, mask,
                   cm.reconcile_image_sql(key, cm.reconcile_account_kind_sql(src),
@@ -324,7 +337,7 @@ REVOKE ALL ON FUNCTION cm.reconcile_queue(bigint, cm.source, bigint, timestamptz
  * Step 2: the checksums of portfolio_transactions (all its rows, or with
  * restrict, those the ledger says came from the sources): per bucket
  * count(*), the image hash, and the hash of (key, status).  Returns the
- * buckets whose count or image differ from the sum over the sources (or
+ * buckets whose count or image differ from those of the queue tables (or
  * hold a NULL).
  */
 CREATE FUNCTION cm.reconcile_portfolio(run bigint, ids integer[], mask bigint, restrict boolean)
@@ -343,7 +356,7 @@ BEGIN
     DELETE FROM cm.reconcile_sum s WHERE s.run_id = run AND s.side = 'portfolio';
     EXECUTE format('INSERT INTO cm.reconcile_sum (run_id, side, source_id, bucket, n, image, status)'
                    ' SELECT %1$s, ''portfolio'', 0, p.k & %2$s, count(*),'
-                   '        CASE WHEN count(p.image) = count(*) THEN sum(p.image) END, sum(p.status)'
+                   '        CASE WHEN count(p.image) = count(*) THEN bit_xor(p.image) END, bit_xor(p.status)'
                    '   FROM (SELECT p.k, %3$s AS image, hashtextextended(p.status::text, p.k) AS status'
                    '           FROM (SELECT %4$s AS k, p.* FROM %5$s p WHERE true %6$s %7$s OFFSET 0) p OFFSET 0) p'
                    '  GROUP BY 4',
@@ -356,7 +369,7 @@ BEGIN
                         THEN format('AND EXISTS (SELECT 1 FROM cm.ledger l WHERE l.uuid = p.id AND l.source_id = ANY (%L::integer[]))', ids)
                         ELSE '' END);
     SELECT array_agg(coalesce(q.bucket, p.bucket) ORDER BY 1) INTO out
-      FROM (SELECT s.bucket, sum(s.n) AS n, sum(s.image) AS image FROM cm.reconcile_sum s
+      FROM (SELECT s.bucket, sum(s.n) AS n, bit_xor(s.image) AS image FROM cm.reconcile_sum s
              WHERE s.run_id = run AND s.side = 'queue' GROUP BY s.bucket) q
       FULL JOIN (SELECT s.bucket, s.n, s.image FROM cm.reconcile_sum s
                   WHERE s.run_id = run AND s.side = 'portfolio') p ON p.bucket = q.bucket
@@ -391,7 +404,7 @@ BEGIN
       INTO map FROM cm.status_map m;
     EXECUTE format($q$
         WITH g AS MATERIALIZED (
-                SELECT l.k & %1$s AS b, count(*) AS n, sum(l.version) AS version, sum(l.status) AS status,
+                SELECT l.k & %1$s AS b, count(*) AS n, bit_xor(l.version) AS version, bit_xor(l.status) AS status,
                        bool_or(l.bad) AS bad,
                        array_agg(l.queue_id) FILTER (WHERE l.bad OR (l.k & %1$s) = ANY (%8$L::bigint[])) AS keys
                   FROM (SELECT l.k, l.queue_id, (l.status = 'COMPLETED') IS DISTINCT FROM l.applied AS bad,
@@ -682,7 +695,7 @@ BEGIN
           FROM (SELECT unnest(differ) AS b
                 UNION ALL
                 SELECT coalesce(l.bucket, p.bucket)
-                  FROM (SELECT s.bucket, sum(s.status) AS status FROM cm.reconcile_sum s
+                  FROM (SELECT s.bucket, bit_xor(s.status) AS status FROM cm.reconcile_sum s
                          WHERE s.run_id = cm_reconcile.run_id AND s.side = 'ledger' GROUP BY s.bucket) l
                   FULL JOIN (SELECT s.bucket, s.status FROM cm.reconcile_sum s
                               WHERE s.run_id = cm_reconcile.run_id AND s.side = 'portfolio') p ON p.bucket = l.bucket
