@@ -667,8 +667,10 @@ BEGIN
 
     -- the sources as they are now: each one's read position is taken once
     SELECT coalesce(array_agg(s ORDER BY s.source_id), '{}') INTO srcs FROM cm.source s WHERE s.source_id = ANY (ids);
-    -- about 256 rows a bucket, 64 to 65,536 buckets
-    SELECT (1::bigint << least(16, greatest(6, ceil(log(2, greatest(max(c.reltuples), 1)::numeric / 256))::integer))) - 1
+    -- about 256 rows a bucket, 64 to 65,536 buckets, from the size of the
+    -- ledger and of portfolio_transactions (the live rows the statistics
+    -- count, when no ANALYZE has set reltuples yet)
+    SELECT (1::bigint << least(16, greatest(6, ceil(log(2, greatest(max(greatest(c.reltuples, pg_catalog.pg_stat_get_live_tuples(c.oid))), 1)::numeric / 256))::integer))) - 1
       INTO mask
       FROM pg_catalog.pg_class c
      WHERE c.oid IN ('cm.ledger'::regclass, cm.target_table('portfolio_transactions'));
