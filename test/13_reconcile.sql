@@ -12,7 +12,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(40);
+SELECT plan(44);
 
 \ir lib/helpers.sql
 
@@ -192,14 +192,35 @@ SELECT results_eq(format('SELECT format(%L, queue_id, kind, diagnosis, repairabl
     $$VALUES ('2001 missing: source disabled: the sync cycle does not read it (UPDATE cm.source SET enabled = true) f')$$,
     'a disabled source named explicitly: its rows are missing, diagnosed, not repairable');
 
--- the checksum goes to queue-db
-SELECT matches(pg_temp.explain(format(
-    'SELECT (q.queue_id::bigint - 1) / 32, count(*), sum(%s) FROM cm_remote.queue_server_investment_queue q'
-    ' WHERE q.queue_id >= 1 AND q.updated_at <= %L::timestamptz GROUP BY 1',
-    cm.reconcile_hash_sql('q.queue_id', 'q.status', 'q.updated_at', 'q.account_number',
-                          'q.tier_1', 'q.tier_2', 'q.tier_3', 2, 2, 2), now())),
-    'Relations: Aggregate on \(cm_remote.queue_server_investment_queue q\).*Remote SQL: SELECT .*count\(\*\), sum\(hash_numeric_extended\(round\(tier_3, 2\)',
-    'EXPLAIN VERBOSE: the count and the checksum per range are computed by queue-db');
+-- a uuid spelled in upper case in the queue lands in another bucket than its
+-- portfolio row: both buckets differ, and the row, compared one by one, is equal
+INSERT INTO cm_remote.queue_server_investment_queue
+        (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
+VALUES (1020, 'R1', 1, 1, 1, 'C1000000-0000-4000-8000-000000001020', 'PENDING',
+        now() - interval '1 min', now() - interval '1 min');
+SELECT matches(pg_temp.sync(), ' created=1 updated=0 completed_applied=0 compensated=0 dead_lettered=0$',
+    'the row with an upper-case uuid is synced');
+-- an applied flag that disagrees with the ledger's own status, queue and portfolio equal
+UPDATE cm.ledger SET applied = false WHERE uuid = 'c1000000-0000-4000-8000-000000001001';
+SELECT run_id AS run3, rows_fetched AS fetched3 FROM cm_reconcile(:inv) \gset
+SELECT results_eq(format('SELECT * FROM pg_temp.items(%s)', :run3), $$VALUES
+    ('1001 effect: completion never applied to the account'),
+    ('1005 orphan: queue row deleted after it was synced'),
+    ('1006 missing: dead-lettered: account ''NOBODY'' has no row in public.user_portfolios')$$,
+    'the ledger''s applied flag is checked by its own checksum; the upper-case uuid is no difference');
+SELECT ok(:fetched3 >= 3, 'the rows of the differing buckets were fetched (the upper-case uuid''s among them)');
+
+-- the checksums go to queue-db: the statement cm_reconcile() runs, whole
+SELECT pg_temp.explain(cm.reconcile_queue_sql(s, 1023, now(), '{1006}')) AS plan
+  FROM cm.source s WHERE s.source_id = :inv \gset
+SELECT matches(:'plan'::text,
+    '^Foreign Scan\n  Output: .*\n  Relations: Aggregate on \(cm_remote.queue_server_investment_queue q\)\n  Remote SQL: SELECT \(hashtextextended\(uuid::text, 0::bigint\) & 1023::bigint\), count\(\*\), bit_xor\(hash_numeric_extended\(round\(tier_3, 2\), hash_numeric_extended\(round\(tier_2, 2\), hash_numeric_extended\(round\(tier_1, 2\), hashtextextended\(\(account_number::text \|\| ''#INVEST#''::text\), hashtextextended\(uuid::text, 0::bigint\)\)\)\)\)\), bit_xor\(hashtextextended\(status::text, hashint8extended\(queue_id::bigint, 0::bigint\)\)\) FROM public.investment_queue WHERE \(\(updated_at <= .*\)\) AND \(\(queue_id::bigint <> ALL \(''\{1006\}''::bigint\[\]\)\)\) GROUP BY 1\n$',
+    'EXPLAIN VERBOSE: queue-db computes the count, the image hash and the version hash per bucket; nothing is left to do locally');
+SELECT pg_temp.explain(format('SELECT q.queue_id FROM cm_remote.queue_server_investment_queue q WHERE (%s & 1023) = ANY (%L::bigint[])',
+                              cm.reconcile_key_sql('q.uuid::text'), '{1,5,17}')) AS fetch_plan \gset
+SELECT matches(:'fetch_plan'::text,
+    '^Foreign Scan on cm_remote.queue_server_investment_queue q\n  Output: queue_id\n  Remote SQL: SELECT queue_id FROM public.investment_queue WHERE \(\(\(hashtextextended\(uuid::text, 0::bigint\) & 1023::bigint\) = ANY \(''\{1,5,17\}''::bigint\[\]\)\)\)\n$',
+    'EXPLAIN VERBOSE: the rows of the differing buckets are chosen by queue-db');
 
 -- bad calls, and who may call what
 SELECT throws_ok('SELECT cm_reconcile(amount_tolerance => -1)', '22023', NULL, 'a negative tolerance is refused');

@@ -2,35 +2,73 @@
  * Reconciliation: prove that queue-db and user-portfolio-db agree, explain
  * every difference, and repair what can be repaired through the cycle.
  *
- * cm.ledger is the local image of the queue (one row per queue row, the
- * version last seen).  cm_reconcile() compares, per source:
+ * cm_reconcile() compares the sources it covers without copying the queue
+ * over the network and without joining cm.ledger with
+ * portfolio_transactions (two tables of the queue's size):
  *
- *  1. queue <-> ledger remotely, by checksum: queue_id ranges (the queue's
- *     primary key, dense and indexed on both sides; the ledger gets an index
- *     on (source_id, queue_id) below) are split into 32 buckets; for each
- *     bucket both sides compute count(*) and sum() of a row hash built only
- *     from built-in immutable functions (hashint8extended, hashtextextended,
- *     interval_hash_extended, hash_numeric_extended, round, isfinite), so
- *     that postgres_fdw ships the aggregate to queue-db.  The hash covers
- *     queue_id, status, updated_at, the account and the amounts rounded to
- *     the scale of portfolio_transactions; the local side takes the first
- *     four from the ledger and the amounts from portfolio_transactions (abs,
- *     as the cycle writes withdrawals negative).  Only buckets whose
- *     checksums differ are split again; the rows of the smallest differing
- *     buckets (at most leaf_rows rows) are fetched and compared one by one.
- *  2. ledger <-> portfolio_transactions locally, by a plain join, for every
- *     ledger row not fetched in step 1.
+ *  1. The key space is the request's uuid, cut into buckets by a hash of
+ *     its text (the low bits of hashtextextended(uuid, 0)): the one key that
+ *     a queue row, its ledger entry and its portfolio_transactions row all
+ *     carry, so that each side is aggregated on its own.  (queue_id ranges
+ *     follow the queue's primary key, but portfolio_transactions has no
+ *     queue_id: it would have to be joined with the ledger on every run.)
+ *     There are about 256 rows a bucket (64 to 65,536 buckets, from the
+ *     size of the ledger), so the rows of a differing bucket are few enough
+ *     to fetch at once, without cutting it again.
+ *  2. queue-db computes, per source and bucket, in one aggregate that
+ *     postgres_fdw ships (only built-in immutable functions and operators,
+ *     no CASE or coalesce, which PostgreSQL 15's postgres_fdw does not ship;
+ *     check with EXPLAIN VERBOSE): count(*); the image hash, what
+ *     portfolio_transactions holds of the row but its status (uuid, account,
+ *     transaction type, each tier rounded to the scale of its column); and
+ *     the version hash, (queue_id, raw status), what the ledger holds.
+ *  3. Locally, per bucket: over portfolio_transactions, count(*), the image
+ *     hash (absolute tier changes: withdrawals are written negative) and a
+ *     hash of (uuid, status), against the queue tables; per source over
+ *     cm.ledger, count(*) and the version hash against the queue table, the
+ *     hash of (uuid, status mapped through cm.status_map) against
+ *     portfolio_transactions' status hash, and whether an entry's applied
+ *     flag disagrees with its status.  A status is thus compared queue to
+ *     ledger raw, on queue-db's side, and ledger to portfolio mapped,
+ *     locally: queue-db never maps a status.  When rows of other sources (or
+ *     of the application) make more than one bucket in 16 differ,
+ *     portfolio_transactions is aggregated again, restricted to the rows the
+ *     ledger says came from the sources compared.
+ *  4. The rows of the differing buckets are fetched (one remote statement
+ *     per source) and compared one by one with their ledger entries and
+ *     portfolio_transactions rows, which gives each difference its kind and
+ *     diagnosis.
  *
- * Only settled rows are compared: the checksums cover rows whose updated_at
- * is no later than the source's read position (watermark) when the run
- * starts.  A fetched row changed after it, or committed late but still
- * inside the next read's window, is in flight (counted, not a difference);
- * before a difference is recorded, its queue row is read again and the
- * ledger looked at again, and a row that moved meanwhile is in flight too.
+ * A bucket's hashes are combined with bit_xor, which postgres_fdw ships and
+ * which keeps a plain bigint state: queue-db's planner takes the number of
+ * buckets for the number of rows (the hash of a unique column), and with
+ * sum()'s internal state it found the hash table too large for work_mem
+ * (64MB in the benchmark) and sorted the whole table instead of hashing it
+ * into a few thousand buckets, twice as slow.  Every
+ * row hash includes the row's identity (uuid or queue_id), so two rows never
+ * cancel out but by a 64-bit collision, and count(*) is compared too.  The
+ * hashes are strict: a NULL column makes the row's hash NULL; the row still
+ * counts, and a NULL on the local side makes its bucket differ.
+ *
+ * No timestamp enters a hash (so no precision or time zone needs to agree);
+ * numbers are rounded to the target scale, and hash_numeric_extended ignores
+ * trailing zeros.  A uuid spelled another way in the queue (upper case,
+ * braces) lands in another bucket than its portfolio row: both buckets then
+ * differ and the row is compared one by one, and found equal.  The
+ * checksums only choose what to fetch: what is reported is always decided
+ * row by row.
+ *
+ * Only settled rows are compared: the checksums cover queue rows whose
+ * updated_at is no later than the source's read position (watermark) when
+ * the run starts.  A fetched row changed after it, or committed late but
+ * still inside the next read's window, is in flight (counted, not a
+ * difference); before a difference is recorded, its queue row is read again
+ * and the ledger looked at again, and a row that moved meanwhile is in
+ * flight too.
  *
  * The hash functions are those of the server's major version and
  * architecture: queue-db and portfolio-db must run the same PostgreSQL major
- * version on the same architecture, or every range differs (nothing is
+ * version on the same architecture, or every bucket differs (nothing is
  * reported wrongly then, since rows are compared one by one, but every row
  * is fetched).  This version does not check it before a run.
  */
@@ -54,9 +92,9 @@ CREATE TABLE cm.reconciliation_run (
 );
 COMMENT ON TABLE cm.reconciliation_run IS 'one row per cm_reconcile() call: what was compared, how many differences, how many rows crossed the network';
 COMMENT ON COLUMN cm.reconciliation_run.rows_compared IS 'queue rows covered by the comparison (settled rows: updated_at no later than the source''s read position)';
-COMMENT ON COLUMN cm.reconciliation_run.rows_fetched IS 'queue rows that crossed the network (the rows of the smallest differing ranges, and the re-check of each difference)';
+COMMENT ON COLUMN cm.reconciliation_run.rows_fetched IS 'queue rows that crossed the network (the rows of the differing buckets, and the re-check of each difference)';
 COMMENT ON COLUMN cm.reconciliation_run.in_flight IS 'rows changed after the read position or during the run, or inside the next read''s window: left to the cycle, not differences';
-COMMENT ON COLUMN cm.reconciliation_run.remote_queries IS 'statements sent to queue-db (checksum levels, fetches, re-checks)';
+COMMENT ON COLUMN cm.reconciliation_run.remote_queries IS 'statements sent to queue-db (checksums, fetches, re-checks)';
 REVOKE ALL ON cm.reconciliation_run FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('cm.reconciliation_run', '');
 -- its identity sequence too, so that a restored database numbers its next run after the restored ones
@@ -85,7 +123,7 @@ COMMENT ON COLUMN cm.reconciliation_item.repairable IS 'whether cm_repair() can 
 REVOKE ALL ON cm.reconciliation_item FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('cm.reconciliation_item', '');
 
-/* scratch: the queue rows a run fetched, and the ranges they came from */
+/* scratch: the queue rows a run fetched */
 CREATE UNLOGGED TABLE cm.reconcile_fetch (
     run_id           bigint NOT NULL,
     source_id        integer NOT NULL,
@@ -99,59 +137,106 @@ CREATE UNLOGGED TABLE cm.reconcile_fetch (
     status           text,
     updated_at       timestamptz
 );
-COMMENT ON TABLE cm.reconcile_fetch IS 'scratch table of a running reconciliation: the queue rows fetched from the smallest differing ranges; emptied when the run ends';
+COMMENT ON TABLE cm.reconcile_fetch IS 'scratch table of a running reconciliation: the queue rows fetched from the differing buckets; emptied when the run ends';
 REVOKE ALL ON cm.reconcile_fetch FROM PUBLIC;
 
-CREATE UNLOGGED TABLE cm.reconcile_range (
+CREATE UNLOGGED TABLE cm.reconcile_key (
     run_id    bigint NOT NULL,
     source_id integer NOT NULL,
-    lo        bigint NOT NULL,
-    hi        bigint NOT NULL
+    queue_id  bigint NOT NULL
 );
-COMMENT ON TABLE cm.reconcile_range IS 'scratch table of a running reconciliation: the queue_id ranges whose rows were fetched; emptied when the run ends';
-REVOKE ALL ON cm.reconcile_range FROM PUBLIC;
+COMMENT ON TABLE cm.reconcile_key IS 'scratch table of a running reconciliation: the ledger entries compared one by one (those of the differing buckets, and those whose applied flag disagrees with their status); emptied when the run ends';
+REVOKE ALL ON cm.reconcile_key FROM PUBLIC;
+
+CREATE UNLOGGED TABLE cm.reconcile_sum (
+    run_id    bigint NOT NULL,
+    side      text NOT NULL CHECK (side IN ('queue', 'ledger', 'portfolio')),
+    source_id integer NOT NULL,
+    bucket    bigint NOT NULL,
+    n         bigint NOT NULL,
+    image     bigint,
+    version   bigint,
+    status    bigint,
+    bad       boolean NOT NULL DEFAULT false
+);
+COMMENT ON TABLE cm.reconcile_sum IS 'scratch table of a running reconciliation: the checksums per bucket of the queue tables and of the ledger (per source) and of portfolio_transactions (source 0); emptied when the run ends';
+REVOKE ALL ON cm.reconcile_sum FROM PUBLIC;
 
 /*
- * The row hash, as SQL text over the given column expressions (the same
- * text for both sides, so that both sides normalise alike).
+ * The SQL text of the hashes of a reconciliation, over the given column
+ * expressions (the same text for every side, so that every side normalises
+ * alike): built-in immutable functions only, so that postgres_fdw ships
+ * them.  The hashes are strict: a NULL column makes the row's hash NULL
+ * (postgres_fdw ships no coalesce and no CASE in PostgreSQL 15); the row
+ * still counts, and a NULL on the local side makes its bucket differ.
+ *
+ * key: the hash of the uuid's text, as the queue spells it (the bucket is
+ * its low bits; a uuid spelled in upper case or with braces lands in
+ * another bucket than its portfolio row, so both differ and the row is
+ * compared one by one, found equal).
  */
-CREATE FUNCTION cm.reconcile_hash_sql(queue_id text, status text, updated_at text, accountid text,
-                                      tier_1 text, tier_2 text, tier_3 text,
-                                      s1 integer, s2 integer, s3 integer)
+CREATE FUNCTION cm.reconcile_key_sql(uuid text)
     RETURNS text
     LANGUAGE sql IMMUTABLE
     SET search_path = pg_catalog, pg_temp
     AS $$
-        SELECT format('hash_numeric_extended(round(%7$s, %10$s), hash_numeric_extended(round(%6$s, %9$s),'
-                      ' hash_numeric_extended(round(%5$s, %8$s), hashtextextended(%4$s,'
-                      ' CASE WHEN isfinite(%3$s) THEN interval_hash_extended(%3$s - ''2000-01-01 00:00:00+00''::timestamptz,'
-                      ' hashtextextended(%2$s, hashint8extended(%1$s, 0))) END))))',
-                      queue_id, status, updated_at, accountid, tier_1, tier_2, tier_3, s1, s2, s3)
+        SELECT format('hashtextextended(%s, 0)', uuid)
     $$;
-COMMENT ON FUNCTION cm.reconcile_hash_sql(text, text, text, text, text, text, text, integer, integer, integer) IS 'SQL text of the row hash of a reconciliation: built-in immutable functions only, so that postgres_fdw ships it';
-REVOKE ALL ON FUNCTION cm.reconcile_hash_sql(text, text, text, text, text, text, text, integer, integer, integer) FROM PUBLIC;
+COMMENT ON FUNCTION cm.reconcile_key_sql(text) IS 'SQL text of the key hash of a reconciliation (its low bits are the bucket): a built-in immutable function, so that postgres_fdw ships it';
+REVOKE ALL ON FUNCTION cm.reconcile_key_sql(text) FROM PUBLIC;
 
 /*
- * A condition on col that holds for the queue_ids of the given buckets
- * (bucket b: lo + b * width .. lo + (b + 1) * width - 1): a list of ranges,
- * neighbours merged, that an index on queue_id answers (on queue-db, its
- * primary key; here, the ledger's (source_id, queue_id)); for more than 64
- * ranges, the bucket arithmetic instead.
+ * image: what portfolio_transactions holds of a row but its status: the
+ * uuid (key), the account and the transaction type in one text (the type
+ * of a split layout is a constant, and a constant alone as the argument of
+ * hashtextextended is not shipped: its collation comes from no column),
+ * and each tier rounded to the scale of its column.
  */
-CREATE FUNCTION cm.reconcile_ranges_sql(col text, lo bigint, width bigint, buckets bigint[])
+CREATE FUNCTION cm.reconcile_image_sql(key text, account_kind text, tier_1 text, tier_2 text, tier_3 text)
     RETURNS text
     LANGUAGE sql IMMUTABLE
     SET search_path = pg_catalog, pg_temp
     AS $$
-        WITH b AS (SELECT DISTINCT u AS b FROM unnest(buckets) u),
-             g AS (SELECT b, b - row_number() OVER (ORDER BY b) AS grp FROM b),
-             r AS (SELECT lo + min(b) * width AS a, lo + (max(b) + 1) * width - 1 AS z FROM g GROUP BY grp)
-        SELECT CASE WHEN (SELECT count(*) FROM r) <= 64
-                    THEN '(' || (SELECT string_agg(format('%s BETWEEN %s AND %s', col, r.a, r.z), ' OR ' ORDER BY r.a) FROM r) || ')'
-                    ELSE format('(%s::bigint - %s) / %s = ANY (%L::bigint[])', col, lo, width, buckets) END
+        SELECT format('hash_numeric_extended(%5$s, hash_numeric_extended(%4$s, hash_numeric_extended(%3$s,'
+                      ' hashtextextended(%2$s, %1$s))))',
+                      key, account_kind, tier_1, tier_2, tier_3)
     $$;
-COMMENT ON FUNCTION cm.reconcile_ranges_sql(text, bigint, bigint, bigint[]) IS 'SQL condition of a reconciliation: the queue_ids of some buckets, as index ranges';
-REVOKE ALL ON FUNCTION cm.reconcile_ranges_sql(text, bigint, bigint, bigint[]) FROM PUBLIC;
+COMMENT ON FUNCTION cm.reconcile_image_sql(text, text, text, text, text) IS 'SQL text of the image hash of a reconciliation (uuid, account, type and amounts of a row as portfolio_transactions holds them): built-in immutable functions only, so that postgres_fdw ships it';
+REVOKE ALL ON FUNCTION cm.reconcile_image_sql(text, text, text, text, text) FROM PUBLIC;
+
+/*
+ * version: a row's queue_id and raw queue status, as the ledger holds them
+ * (the status is compared in two steps: queue against ledger, raw, by this
+ * hash; the ledger's status mapped through cm.status_map against
+ * portfolio_transactions, locally: queue-db never maps a status).
+ */
+CREATE FUNCTION cm.reconcile_version_sql(queue_id text, status text)
+    RETURNS text
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT format('hashtextextended(%2$s, hashint8extended(%1$s, 0))', queue_id, status)
+    $$;
+COMMENT ON FUNCTION cm.reconcile_version_sql(text, text) IS 'SQL text of the version hash of a reconciliation (queue_id and raw status, as the ledger holds them): built-in immutable functions only, so that postgres_fdw ships it';
+REVOKE ALL ON FUNCTION cm.reconcile_version_sql(text, text) FROM PUBLIC;
+
+/* the transaction type of a queue row as portfolio_transactions spells it, appended to the account (shipped) */
+CREATE FUNCTION cm.reconcile_account_kind_sql(src cm.source)
+    RETURNS text
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        -- unified: '|TYPE|' through one replace() per spelling (postgres_fdw ships no CASE)
+        SELECT format('(q.%I::text || %s)', src.account_column,
+                      CASE src.layout
+                          WHEN 'unified' THEN
+                              'replace(replace(replace((''|'' || upper(q.transaction_type::text) || ''|''),'
+                              ' ''|INVEST|'', ''#INVEST#''), ''|WITHDRAW|'', ''#WITHDRAWAL#''), ''|WITHDRAWAL|'', ''#WITHDRAWAL#'')'
+                          WHEN 'investment' THEN '''#INVEST#''::text'
+                          ELSE '''#WITHDRAWAL#''::text' END)
+    $$;
+COMMENT ON FUNCTION cm.reconcile_account_kind_sql(cm.source) IS 'SQL text that postgres_fdw ships: a queue row''s account followed by its transaction type as portfolio_transactions spells it (''#INVEST#'', ''#WITHDRAWAL#'')';
+REVOKE ALL ON FUNCTION cm.reconcile_account_kind_sql(cm.source) FROM PUBLIC;
 
 /* the foreign table of a source, its account column and its type expression */
 CREATE FUNCTION cm.reconcile_source_sql(src cm.source, OUT ft text, OUT acct text, OUT typ text)
@@ -168,12 +253,191 @@ COMMENT ON FUNCTION cm.reconcile_source_sql(cm.source) IS 'the foreign table, ac
 REVOKE ALL ON FUNCTION cm.reconcile_source_sql(cm.source) FROM PUBLIC;
 
 /*
- * Compare one source; fills cm.reconciliation_item and returns the figures.
- * Called by cm_reconcile() only.
+ * The checksum statement of a source on queue-db: per bucket, count(*),
+ * the image hash and the version hash of its settled rows, dead letters
+ * left out.  Its text is what cm_reconcile() runs (and what a test
+ * EXPLAINs).
  */
-CREATE FUNCTION cm.reconcile_source(run bigint, src cm.source, tolerance numeric, leaf_rows integer,
-                                    OUT compared bigint, OUT fetched bigint, OUT in_flight bigint,
-                                    OUT remote_queries integer)
+CREATE FUNCTION cm.reconcile_queue_sql(src cm.source, mask bigint, horizon timestamptz, dead bigint[])
+    RETURNS text
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    tx  regclass := cm.target_table('portfolio_transactions');
+    key text := cm.reconcile_key_sql('q.uuid::text');
+BEGIN
+    RETURN format('SELECT %1$s & %2$s AS b, count(*) AS n, bit_xor(%3$s) AS image, bit_xor(%4$s) AS version'
+                  '  FROM %5$s q WHERE q.updated_at <= %6$L::timestamptz %7$s GROUP BY 1',
+                  key, mask,
+                  cm.reconcile_image_sql(key, cm.reconcile_account_kind_sql(src),
+                                         format('round(q.tier_1, %s)', coalesce(cm.column_scale(tx, 'tier1_change'), 8)),
+                                         format('round(q.tier_2, %s)', coalesce(cm.column_scale(tx, 'tier2_change'), 8)),
+                                         format('round(q.tier_3, %s)', coalesce(cm.column_scale(tx, 'tier3_change'), 8))),
+                  cm.reconcile_version_sql('q.queue_id::bigint', 'q.status::text'),
+                  (SELECT r.ft FROM cm.reconcile_source_sql(src) r), horizon,
+                  CASE WHEN dead IS NULL THEN '' ELSE format('AND q.queue_id::bigint <> ALL (%L::bigint[])', dead) END);
+END
+$$;
+COMMENT ON FUNCTION cm.reconcile_queue_sql(cm.source, bigint, timestamptz, bigint[]) IS 'the checksum statement of a reconciliation on a source''s foreign table (per bucket: count, image hash, version hash), which postgres_fdw ships to queue-db whole';
+REVOKE ALL ON FUNCTION cm.reconcile_queue_sql(cm.source, bigint, timestamptz, bigint[]) FROM PUBLIC;
+
+/* the read position of a source: settled rows end at horizon, the next read starts at read_from */
+CREATE FUNCTION cm.reconcile_horizon(src cm.source, OUT horizon timestamptz, OUT read_from timestamptz)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF src.enabled THEN
+        horizon := coalesce(src.watermark, '-infinity');
+        SELECT s.next_read_from INTO read_from FROM @extschema@.cm_sources() s WHERE s.source_id = src.source_id;
+        read_from := coalesce(read_from, '-infinity');
+    ELSE
+        -- the cycle does not read a disabled source: every row is settled
+        horizon := 'infinity';
+        read_from := 'infinity';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION cm.reconcile_horizon(cm.source) IS 'where the settled rows of a source end for a reconciliation (its read position), and where its next read starts';
+REVOKE ALL ON FUNCTION cm.reconcile_horizon(cm.source) FROM PUBLIC;
+
+/*
+ * Step 1 for one source: its checksums on queue-db, into cm.reconcile_sum.
+ * Returns the rows they cover (dead letters counted in).
+ */
+CREATE FUNCTION cm.reconcile_queue(run bigint, src cm.source, mask bigint, horizon timestamptz)
+    RETURNS bigint
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    ft   text;
+    dead bigint[];
+    n    bigint;
+BEGIN
+    SELECT r.ft INTO ft FROM cm.reconcile_source_sql(src) r;
+    IF to_regclass(ft) IS NULL THEN
+        RAISE EXCEPTION 'the foreign table % of source % does not exist', ft, src.source_id
+            USING ERRCODE = 'undefined_table',
+                  HINT = 'Run SELECT cm_attach_queue(server) again, or disable the source (UPDATE cm.source SET enabled = false).';
+    END IF;
+    -- the dead letters are reported from cm.dead_letter: left out of the checksums
+    SELECT array_agg(d.queue_id ORDER BY d.queue_id) INTO dead FROM cm.dead_letter d WHERE d.source_id = src.source_id;
+    EXECUTE format('INSERT INTO cm.reconcile_sum (run_id, side, source_id, bucket, n, image, version)'
+                   ' SELECT %s, ''queue'', %s, r.b, r.n, r.image, r.version FROM (%s) r',
+                   run, src.source_id, cm.reconcile_queue_sql(src, mask, horizon, dead));
+    SELECT coalesce(sum(s.n), 0) INTO n FROM cm.reconcile_sum s
+     WHERE s.run_id = run AND s.side = 'queue' AND s.source_id = src.source_id;
+    RETURN n + coalesce(cardinality(dead), 0);
+END
+$$;
+COMMENT ON FUNCTION cm.reconcile_queue(bigint, cm.source, bigint, timestamptz) IS 'the checksums per bucket of a source''s settled queue rows, computed by queue-db, into cm.reconcile_sum; returns the rows covered';
+REVOKE ALL ON FUNCTION cm.reconcile_queue(bigint, cm.source, bigint, timestamptz) FROM PUBLIC;
+
+/*
+ * Step 2: the checksums of portfolio_transactions (all its rows, or with
+ * restrict, those the ledger says came from the sources): per bucket
+ * count(*), the image hash, and the hash of (key, status).  Returns the
+ * buckets whose count or image differ from those of the queue tables (or
+ * hold a NULL).
+ */
+CREATE FUNCTION cm.reconcile_portfolio(run bigint, ids integer[], mask bigint, restrict boolean)
+    RETURNS bigint[]
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    tx   regclass := cm.target_table('portfolio_transactions');
+    dead uuid[];
+    out  bigint[];
+BEGIN
+    SELECT array_agg(u) INTO dead
+      FROM (SELECT cm.try_uuid(d.uuid) AS u FROM cm.dead_letter d WHERE d.source_id = ANY (ids)) d
+     WHERE u IS NOT NULL;
+    DELETE FROM cm.reconcile_sum s WHERE s.run_id = run AND s.side = 'portfolio';
+    EXECUTE format('INSERT INTO cm.reconcile_sum (run_id, side, source_id, bucket, n, image, status)'
+                   ' SELECT %1$s, ''portfolio'', 0, p.k & %2$s, count(*),'
+                   '        CASE WHEN count(p.image) = count(*) THEN bit_xor(p.image) END, bit_xor(p.status)'
+                   '   FROM (SELECT p.k, %3$s AS image, hashtextextended(p.status::text, p.k) AS status'
+                   '           FROM (SELECT %4$s AS k, p.* FROM %5$s p WHERE true %6$s %7$s OFFSET 0) p OFFSET 0) p'
+                   '  GROUP BY 4',
+                   run, mask,
+                   cm.reconcile_image_sql('p.k', '(p.accountid::text || ''#'' || p.transaction_type::text || ''#'')',
+                                          'abs(p.tier1_change)', 'abs(p.tier2_change)', 'abs(p.tier3_change)'),
+                   cm.reconcile_key_sql('p.id::text'), tx,
+                   CASE WHEN dead IS NULL THEN '' ELSE format('AND p.id <> ALL (%L::uuid[])', dead) END,
+                   CASE WHEN restrict
+                        THEN format('AND EXISTS (SELECT 1 FROM cm.ledger l WHERE l.uuid = p.id AND l.source_id = ANY (%L::integer[]))', ids)
+                        ELSE '' END);
+    SELECT array_agg(coalesce(q.bucket, p.bucket) ORDER BY 1) INTO out
+      FROM (SELECT s.bucket, sum(s.n) AS n, bit_xor(s.image) AS image FROM cm.reconcile_sum s
+             WHERE s.run_id = run AND s.side = 'queue' GROUP BY s.bucket) q
+      FULL JOIN (SELECT s.bucket, s.n, s.image FROM cm.reconcile_sum s
+                  WHERE s.run_id = run AND s.side = 'portfolio') p ON p.bucket = q.bucket
+     WHERE (q.n, q.image) IS DISTINCT FROM (p.n, p.image) OR (p.bucket IS NOT NULL AND p.image IS NULL);
+    RETURN out;
+END
+$$;
+COMMENT ON FUNCTION cm.reconcile_portfolio(bigint, integer[], bigint, boolean) IS 'the checksums per bucket of portfolio_transactions, into cm.reconcile_sum; returns the buckets whose count or image differ from those of the queue tables';
+REVOKE ALL ON FUNCTION cm.reconcile_portfolio(bigint, integer[], bigint, boolean) FROM PUBLIC;
+
+/*
+ * Step 3 for one source: the ledger's checksums (no network, no join) into
+ * cm.reconcile_sum: per bucket count(*), the version hash, the hash of
+ * (key, status mapped through cm.status_map), and whether an entry's
+ * applied flag disagrees with its status.  The entries of the buckets that
+ * differ already, and those whose applied flag disagrees, are kept to be
+ * compared one by one (cm.reconcile_key).
+ */
+CREATE FUNCTION cm.reconcile_ledger(run bigint, src cm.source, mask bigint, differing bigint[], horizon timestamptz)
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    dead bigint[];
+    map  text;
+BEGIN
+    SELECT array_agg(d.queue_id ORDER BY d.queue_id) INTO dead FROM cm.dead_letter d WHERE d.source_id = src.source_id;
+    SELECT coalesce(format('CASE l.status %s END', string_agg(format('WHEN %L THEN %L', m.queue_status, m.portfolio_status), ' '
+                                                              ORDER BY m.queue_status)),
+                    'NULL::text')
+      INTO map FROM cm.status_map m;
+    EXECUTE format($q$
+        WITH g AS MATERIALIZED (
+                SELECT l.k & %1$s AS b, count(*) AS n, bit_xor(l.version) AS version, bit_xor(l.status) AS status,
+                       bool_or(l.bad) AS bad,
+                       array_agg(l.queue_id) FILTER (WHERE l.bad OR (l.k & %1$s) = ANY (%8$L::bigint[])) AS keys
+                  FROM (SELECT l.k, l.queue_id, (l.status = 'COMPLETED') IS DISTINCT FROM l.applied AS bad,
+                               %2$s AS version, hashtextextended(%9$s, l.k) AS status
+                          FROM (SELECT %3$s AS k, l.* FROM cm.ledger l
+                                 WHERE l.source_id = %4$s AND l.updated_at <= %5$L::timestamptz %6$s OFFSET 0) l) l
+                 GROUP BY 1),
+             keys AS (INSERT INTO cm.reconcile_key (run_id, source_id, queue_id)
+                      SELECT %7$s, %4$s, k FROM g, unnest(g.keys) k)
+        INSERT INTO cm.reconcile_sum (run_id, side, source_id, bucket, n, version, status, bad)
+        SELECT %7$s, 'ledger', %4$s, g.b, g.n, g.version, g.status, g.bad FROM g
+        $q$,
+        mask, cm.reconcile_version_sql('l.queue_id', 'l.status'), cm.reconcile_key_sql('l.uuid::text'),
+        src.source_id, horizon,
+        CASE WHEN dead IS NULL THEN '' ELSE format('AND l.queue_id <> ALL (%L::bigint[])', dead) END,
+        run, coalesce(differing, '{}'), map);
+END
+$$;
+COMMENT ON FUNCTION cm.reconcile_ledger(bigint, cm.source, bigint, bigint[], timestamptz) IS 'the checksums per bucket of a source''s ledger entries, into cm.reconcile_sum; keeps the entries of the buckets that differ already, and those whose applied flag disagrees with their status, to be compared one by one';
+REVOKE ALL ON FUNCTION cm.reconcile_ledger(bigint, cm.source, bigint, bigint[], timestamptz) FROM PUBLIC;
+
+/*
+ * Step 4 for one source: the rows of the differing buckets (those given,
+ * and those where the ledger's count or versions differ from the queue's,
+ * or an applied flag disagrees) are fetched and compared one by one with
+ * the ledger and portfolio_transactions; fills cm.reconciliation_item and
+ * returns the figures.  Called by cm_reconcile() only.
+ */
+CREATE FUNCTION cm.reconcile_source(run bigint, src cm.source, tolerance numeric, mask bigint,
+                                    differing bigint[], horizon timestamptz, read_from timestamptz,
+                                    OUT fetched bigint, OUT in_flight bigint, OUT remote_queries integer)
     LANGUAGE plpgsql VOLATILE
     SET search_path = pg_catalog, pg_temp
     AS $$
@@ -185,116 +449,45 @@ DECLARE
     s1        integer;
     s2        integer;
     s3        integer;
-    horizon   timestamptz;       -- settled rows: updated_at <= horizon
-    read_from timestamptz;       -- where the next read starts
-    rhash     text;
-    lhash     text;
-    rlo       bigint;
-    rhi       bigint;
-    llo       bigint;
-    lhi       bigint;
-    lo        bigint;
-    width     bigint;
-    parents   bigint[];
-    pwidth    bigint;
-    split     bigint[];
-    leaves    bigint[];
+    buckets   bigint[];
     n         bigint;
     disabled  text;
     moved     bigint;
-    dead      bigint[];
 BEGIN
-    compared := 0; fetched := 0; in_flight := 0; remote_queries := 0;
+    fetched := 0; in_flight := 0; remote_queries := 0;
     SELECT r.ft, r.acct, r.typ INTO ft, acct, typ FROM cm.reconcile_source_sql(src) r;
-    IF to_regclass(ft) IS NULL THEN
-        RAISE EXCEPTION 'the foreign table % of source % does not exist', ft, src.source_id
-            USING ERRCODE = 'undefined_table',
-                  HINT = 'Run SELECT cm_attach_queue(server) again, or disable the source (UPDATE cm.source SET enabled = false).';
-    END IF;
     s1 := coalesce(cm.column_scale(tx, 'tier1_change'), 8);
     s2 := coalesce(cm.column_scale(tx, 'tier2_change'), 8);
     s3 := coalesce(cm.column_scale(tx, 'tier3_change'), 8);
-    IF src.enabled THEN
-        horizon := coalesce(src.watermark, '-infinity');
-        SELECT s.next_read_from INTO read_from FROM @extschema@.cm_sources() s WHERE s.source_id = src.source_id;
-        read_from := coalesce(read_from, '-infinity');
-    ELSE
-        -- the cycle does not read a disabled source: every row is settled
-        horizon := 'infinity';
-        read_from := 'infinity';
+    IF NOT src.enabled THEN
         disabled := 'source disabled: the sync cycle does not read it (UPDATE cm.source SET enabled = true)';
     END IF;
 
-    rhash := cm.reconcile_hash_sql('q.queue_id', 'q.status', 'q.updated_at', acct,
-                                   'q.tier_1', 'q.tier_2', 'q.tier_3', s1, s2, s3);
-    lhash := cm.reconcile_hash_sql('l.queue_id', 'l.status', 'l.updated_at', 'l.accountid',
-                                   'abs(p.tier1_change)', 'abs(p.tier2_change)', 'abs(p.tier3_change)', s1, s2, s3);
+    SELECT array_agg(DISTINCT b ORDER BY b) INTO buckets
+      FROM (SELECT unnest(coalesce(differing, '{}')) AS b
+            UNION ALL
+            SELECT coalesce(q.bucket, l.bucket)
+              FROM (SELECT s.* FROM cm.reconcile_sum s
+                     WHERE s.run_id = run AND s.side = 'queue' AND s.source_id = src.source_id) q
+              FULL JOIN (SELECT s.* FROM cm.reconcile_sum s
+                          WHERE s.run_id = run AND s.side = 'ledger' AND s.source_id = src.source_id) l
+                ON l.bucket = q.bucket
+             WHERE (q.n, q.version) IS DISTINCT FROM (l.n, l.version) OR l.bad) d;
 
-    -- the dead letters are reported from cm.dead_letter: left out of the checksums
-    SELECT array_agg(d.queue_id ORDER BY d.queue_id) INTO dead FROM cm.dead_letter d WHERE d.source_id = src.source_id;
-
-    -- the key range of both sides (one remote aggregate)
-    EXECUTE format('SELECT min(q.queue_id), max(q.queue_id) FROM %s q WHERE q.updated_at <= %L::timestamptz',
-                   ft, horizon) INTO rlo, rhi;
-    remote_queries := remote_queries + 1;
-    SELECT min(l.queue_id), max(l.queue_id) INTO llo, lhi
-      FROM cm.ledger l WHERE l.source_id = src.source_id AND l.updated_at <= horizon;
-    lo := least(rlo, llo);
-    IF lo IS NOT NULL THEN
-        width := 1;
-        -- the first level has up to 1,024 buckets, each next one 32 per differing bucket
-        WHILE width * 1024 < greatest(rhi, lhi) - lo + 1 LOOP
-            width := width * 32;
-        END LOOP;
-        parents := NULL;
-        pwidth := NULL;
-        LOOP
-            -- the checksum of each bucket of this level, inside the differing parents
-            EXECUTE format(
-                'WITH r AS (SELECT (q.queue_id::bigint - %2$s) / %3$s AS b, count(*) AS n, sum(%4$s) AS h'
-                '             FROM %1$s q WHERE q.queue_id >= %2$s AND q.updated_at <= %6$L::timestamptz %5$s %12$s GROUP BY 1),'
-                '     l AS (SELECT (l.queue_id - %2$s) / %3$s AS b, count(*) AS n, sum(%7$s) AS h'
-                '             FROM cm.ledger l LEFT JOIN %8$s p ON p.id = l.uuid'
-                '            WHERE l.source_id = %9$s AND l.queue_id >= %2$s AND l.updated_at <= %6$L::timestamptz %10$s %13$s GROUP BY 1)'
-                ' SELECT coalesce(sum(r.n), 0)::bigint,'
-                '        array_agg(coalesce(r.b, l.b)) FILTER (WHERE (r.h IS DISTINCT FROM l.h OR r.n IS DISTINCT FROM l.n)'
-                '                                              AND (greatest(r.n, l.n) > %11$s AND %3$s > 1)),'
-                '        array_agg(coalesce(r.b, l.b)) FILTER (WHERE (r.h IS DISTINCT FROM l.h OR r.n IS DISTINCT FROM l.n)'
-                '                                              AND NOT (greatest(r.n, l.n) > %11$s AND %3$s > 1))'
-                '   FROM r FULL JOIN l ON l.b = r.b',
-                ft, lo, width, rhash,
-                CASE WHEN parents IS NULL THEN ''
-                     ELSE 'AND ' || cm.reconcile_ranges_sql('q.queue_id', lo, pwidth, parents) END,
-                horizon, lhash, tx, src.source_id,
-                CASE WHEN parents IS NULL THEN ''
-                     ELSE 'AND ' || cm.reconcile_ranges_sql('l.queue_id', lo, pwidth, parents) END,
-                leaf_rows,
-                CASE WHEN dead IS NULL THEN '' ELSE format('AND q.queue_id::bigint <> ALL (%L::bigint[])', dead) END,
-                CASE WHEN dead IS NULL THEN '' ELSE format('AND l.queue_id <> ALL (%L::bigint[])', dead) END)
-              INTO n, split, leaves;
-            remote_queries := remote_queries + 1;
-            IF parents IS NULL THEN
-                compared := n + coalesce(cardinality(dead), 0);
-            END IF;
-            IF leaves IS NOT NULL THEN
-                -- the rows of the smallest differing ranges cross the network
-                INSERT INTO cm.reconcile_range (run_id, source_id, lo, hi)
-                SELECT run, src.source_id, lo + b * width, lo + (b + 1) * width - 1 FROM unnest(leaves) b;
-                EXECUTE format(
-                    'INSERT INTO cm.reconcile_fetch (run_id, source_id, queue_id, uuid, accountid, transaction_type,'
-                    '                                tier_1, tier_2, tier_3, status, updated_at)'
-                    ' SELECT %1$s, %2$s, q.queue_id, q.uuid, %3$s, %4$s, q.tier_1, q.tier_2, q.tier_3, q.status, q.updated_at'
-                    '   FROM %5$s q WHERE %6$s',
-                    run, src.source_id, acct, typ, ft, cm.reconcile_ranges_sql('q.queue_id', lo, width, leaves));
-                GET DIAGNOSTICS n = ROW_COUNT;
-                fetched := fetched + n;
-                remote_queries := remote_queries + 1;
-            END IF;
-            EXIT WHEN split IS NULL;
-            parents := split;
-            pwidth := width;
-            width := width / 32;
-        END LOOP;
+    IF buckets IS NOT NULL THEN
+        -- the rows of the differing buckets cross the network
+        EXECUTE format(
+            'INSERT INTO cm.reconcile_fetch (run_id, source_id, queue_id, uuid, accountid, transaction_type,'
+            '                                tier_1, tier_2, tier_3, status, updated_at)'
+            ' SELECT %1$s, %2$s, q.queue_id, q.uuid, %3$s, %4$s, q.tier_1, q.tier_2, q.tier_3, q.status, q.updated_at'
+            '   FROM %5$s q WHERE (%6$s & %7$s) = ANY (%8$L::bigint[])',
+            run, src.source_id, acct, typ, ft, cm.reconcile_key_sql('q.uuid::text'), mask, buckets);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        fetched := fetched + n;
+        remote_queries := remote_queries + 1;
+        INSERT INTO cm.reconcile_key (run_id, source_id, queue_id)
+        SELECT run, src.source_id, f.queue_id FROM cm.reconcile_fetch f
+         WHERE f.run_id = run AND f.source_id = src.source_id;
     END IF;
 
     -- rows fetched but changed after the read position, or inside the next read's window: in flight
@@ -308,6 +501,7 @@ BEGIN
                     AND f.updated_at >= read_from)))
     SELECT count(*) INTO n FROM f;
     in_flight := in_flight + n;
+
 
     -- fetched rows, one by one, against the ledger and portfolio_transactions
     EXECUTE format($q$
@@ -331,9 +525,10 @@ BEGIN
                        (f.updated_at, f.status) IS DISTINCT FROM (l.updated_at, l.status) AS behind,
                        p.updated_at > l.synced_at AS edited
                   FROM (SELECT * FROM cm.reconcile_fetch f WHERE f.run_id = %1$s AND f.source_id = %2$s) f
-                  FULL JOIN (SELECT l.* FROM cm.ledger l JOIN cm.reconcile_range r
-                                ON r.run_id = %1$s AND r.source_id = %2$s AND l.queue_id BETWEEN r.lo AND r.hi
-                              WHERE l.source_id = %2$s AND l.updated_at <= %7$L::timestamptz) l
+                  FULL JOIN (SELECT l.* FROM cm.ledger l
+                              WHERE l.source_id = %2$s AND l.updated_at <= %7$L::timestamptz
+                                AND l.queue_id IN (SELECT k.queue_id FROM cm.reconcile_key k
+                                                    WHERE k.run_id = %1$s AND k.source_id = %2$s)) l
                     ON l.queue_id = f.queue_id
                   LEFT JOIN %9$s p ON p.id = coalesce(l.uuid, cm.try_uuid(f.uuid))
                   LEFT JOIN cm.status_map m ON m.queue_status = f.status
@@ -383,50 +578,6 @@ BEGIN
         ON CONFLICT DO NOTHING
         $q$, run, src.source_id, s1, s2, s3, disabled, horizon, read_from, tx, tolerance);
 
-    -- the ledger rows not fetched, against portfolio_transactions (no network)
-    EXECUTE format($q$
-        INSERT INTO cm.reconciliation_item AS i (run_id, source_id, queue_id, uuid, accountid, kind,
-                                                  queue_value, portfolio_value, diagnosis, amount_at_stake, repairable)
-        SELECT %1$s, %2$s, l.queue_id, l.uuid::text, l.accountid, v.kind, v.qv, v.pv,
-               coalesce(%3$L, v.diagnosis), abs(p.total_amount), %3$L IS NULL
-          FROM (SELECT l.*, p.id AS p_id, p.status AS p_status, p.accountid AS p_accountid,
-                       p.transaction_type AS p_type, p.total_amount AS p_total, p.updated_at AS p_updated_at,
-                       m.portfolio_status
-                  FROM cm.ledger l
-                  LEFT JOIN %4$s p ON p.id = l.uuid
-                  LEFT JOIN cm.status_map m ON m.queue_status = l.status
-                 WHERE l.source_id = %2$s AND l.updated_at <= %5$L::timestamptz
-                   -- one test per row; the few rows that differ are taken apart below
-                   AND (p.id IS NULL OR m.portfolio_status IS DISTINCT FROM p.status
-                        OR l.accountid IS DISTINCT FROM p.accountid::text
-                        OR l.kind IS DISTINCT FROM p.transaction_type::text
-                        OR (l.status = 'COMPLETED') IS DISTINCT FROM l.applied)
-                 OFFSET 0) l,
-          LATERAL (SELECT l.p_id AS id, l.p_status AS status, l.p_accountid AS accountid,
-                          l.p_type AS transaction_type, l.p_total AS total_amount) p,
-          LATERAL (SELECT l.portfolio_status) m,
-          LATERAL (SELECT CASE WHEN l.p_updated_at > l.synced_at
-                               THEN 'edited in user-portfolio-db after it was synced (portfolio updated_at later than the ledger''s synced_at)'
-                               ELSE 'differs from what the cycle wrote (changed in user-portfolio-db without updated_at)' END AS why) w,
-          LATERAL (VALUES
-            ('missing', p.id IS NULL, format('%%s %%s %%s', l.accountid, l.kind, l.status), NULL::text,
-             'deleted from user-portfolio-db after it was synced'),
-            ('status', p.id IS NOT NULL AND m.portfolio_status IS DISTINCT FROM p.status,
-             format('%%s (%%s)', m.portfolio_status, l.status), p.status::text, w.why),
-            ('account', p.id IS NOT NULL AND l.accountid IS DISTINCT FROM p.accountid::text, l.accountid, p.accountid::text, w.why),
-            ('type', p.id IS NOT NULL AND l.kind IS DISTINCT FROM p.transaction_type::text, l.kind, p.transaction_type::text, w.why),
-            ('effect', (l.status = 'COMPLETED') IS DISTINCT FROM l.applied,
-             format('status %%s', l.status), format('applied=%%s', l.applied),
-             CASE WHEN l.applied THEN format('completion still applied while the queue says %%s: never compensated', l.status)
-                  ELSE 'completion never applied to the account' END)
-          ) v(kind, hit, qv, pv, diagnosis)
-         WHERE v.hit
-           AND NOT EXISTS (SELECT 1 FROM cm.dead_letter d WHERE d.source_id = %2$s AND d.queue_id = l.queue_id)
-           AND NOT EXISTS (SELECT 1 FROM cm.reconcile_range r
-                            WHERE r.run_id = %1$s AND r.source_id = %2$s AND l.queue_id BETWEEN r.lo AND r.hi)
-        ON CONFLICT DO NOTHING
-        $q$, run, src.source_id, disabled, tx, horizon);
-
     -- the dead letters: missing, with their reason
     INSERT INTO cm.reconciliation_item (run_id, source_id, queue_id, uuid, accountid, kind,
                                         queue_value, portfolio_value, diagnosis, amount_at_stake, repairable)
@@ -466,8 +617,8 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION cm.reconcile_source(bigint, cm.source, numeric, integer) IS 'compare one source''s queue table with the ledger (by checksum ranges on queue-db) and portfolio_transactions (locally); records the differences of the run';
-REVOKE ALL ON FUNCTION cm.reconcile_source(bigint, cm.source, numeric, integer) FROM PUBLIC;
+COMMENT ON FUNCTION cm.reconcile_source(bigint, cm.source, numeric, bigint, bigint[], timestamptz, timestamptz) IS 'compare one source: its ledger''s checksums against the queue''s (locally), then the rows of the differing buckets one by one (fetched from queue-db) against the ledger and portfolio_transactions; records the differences of the run';
+REVOKE ALL ON FUNCTION cm.reconcile_source(bigint, cm.source, numeric, bigint, bigint[], timestamptz, timestamptz) FROM PUBLIC;
 
 /*
  * cm_reconcile(): compare every enabled source (or the one named, enabled or
@@ -485,12 +636,18 @@ CREATE FUNCTION @extschema@.cm_reconcile(source_id integer DEFAULT NULL,
     AS $$
 DECLARE
     src      cm.source;
+    srcs     cm.source[];
     r        record;
     t0       timestamptz := clock_timestamp();
     fetched  bigint := 0;
     flight   bigint := 0;
     queries  integer := 0;
     ids      integer[];
+    horizons timestamptz[] := '{}';
+    reads    timestamptz[] := '{}';
+    mask     bigint;
+    differ   bigint[];
+    i        integer;
 BEGIN
     IF amount_tolerance IS NULL OR amount_tolerance < 0 OR amount_tolerance = 'NaN'::numeric THEN
         RAISE EXCEPTION 'amount_tolerance must be a number of 0 or more, not %', coalesce(amount_tolerance::text, 'NULL')
@@ -510,15 +667,54 @@ BEGIN
     VALUES (ids, cm_reconcile.amount_tolerance)
     RETURNING reconciliation_run.run_id INTO run_id;
 
-    FOR src IN SELECT * FROM cm.source s WHERE s.source_id = ANY (ids) ORDER BY s.source_id LOOP
-        SELECT * INTO r FROM cm.reconcile_source(run_id, src, cm_reconcile.amount_tolerance, 256);
-        rows_compared := coalesce(rows_compared, 0) + r.compared;
+    -- the sources as they are now: each one's read position is taken once
+    SELECT coalesce(array_agg(s ORDER BY s.source_id), '{}') INTO srcs FROM cm.source s WHERE s.source_id = ANY (ids);
+    -- about 256 rows a bucket, 64 to 65,536 buckets, from the size of the
+    -- ledger and of portfolio_transactions (the live rows the statistics
+    -- count, when no ANALYZE has set reltuples yet)
+    SELECT (1::bigint << least(16, greatest(6, ceil(log(2, greatest(max(greatest(c.reltuples, pg_catalog.pg_stat_get_live_tuples(c.oid))), 1)::numeric / 256))::integer))) - 1
+      INTO mask
+      FROM pg_catalog.pg_class c
+     WHERE c.oid IN ('cm.ledger'::regclass, cm.target_table('portfolio_transactions'));
+    rows_compared := 0;
+    FOR i IN 1 .. cardinality(srcs) LOOP
+        SELECT * INTO r FROM cm.reconcile_horizon(srcs[i]);
+        horizons := horizons || r.horizon;
+        reads := reads || r.read_from;
+        rows_compared := rows_compared + cm.reconcile_queue(cm_reconcile.run_id, srcs[i], mask, r.horizon);
+        queries := queries + 1;
+    END LOOP;
+    IF cardinality(srcs) > 0 THEN
+        differ := cm.reconcile_portfolio(cm_reconcile.run_id, ids, mask, false);
+        -- rows of other sources or of the application make many buckets
+        -- differ: compare only the rows the ledger says came from these sources
+        IF cardinality(differ) > greatest(8, (mask + 1) / 16) THEN
+            differ := cm.reconcile_portfolio(cm_reconcile.run_id, ids, mask, true);
+        END IF;
+        FOR i IN 1 .. cardinality(srcs) LOOP
+            PERFORM cm.reconcile_ledger(cm_reconcile.run_id, srcs[i], mask, differ, horizons[i]);
+        END LOOP;
+        -- the statuses: the ledger's, mapped, against portfolio_transactions'
+        SELECT array_agg(DISTINCT b) INTO differ
+          FROM (SELECT unnest(differ) AS b
+                UNION ALL
+                SELECT coalesce(l.bucket, p.bucket)
+                  FROM (SELECT s.bucket, bit_xor(s.status) AS status FROM cm.reconcile_sum s
+                         WHERE s.run_id = cm_reconcile.run_id AND s.side = 'ledger' GROUP BY s.bucket) l
+                  FULL JOIN (SELECT s.bucket, s.status FROM cm.reconcile_sum s
+                              WHERE s.run_id = cm_reconcile.run_id AND s.side = 'portfolio') p ON p.bucket = l.bucket
+                 WHERE l.status IS DISTINCT FROM p.status) d;
+    END IF;
+    FOR i IN 1 .. cardinality(srcs) LOOP
+        SELECT * INTO r FROM cm.reconcile_source(cm_reconcile.run_id, srcs[i], cm_reconcile.amount_tolerance, mask,
+                                                 differ, horizons[i], reads[i]);
         fetched := fetched + r.fetched;
         flight := flight + r.in_flight;
         queries := queries + r.remote_queries;
     END LOOP;
     DELETE FROM cm.reconcile_fetch f WHERE f.run_id = cm_reconcile.run_id;
-    DELETE FROM cm.reconcile_range g WHERE g.run_id = cm_reconcile.run_id;
+    DELETE FROM cm.reconcile_key k WHERE k.run_id = cm_reconcile.run_id;
+    DELETE FROM cm.reconcile_sum k WHERE k.run_id = cm_reconcile.run_id;
 
     rows_compared := coalesce(rows_compared, 0);
     SELECT count(*) INTO differences FROM cm.reconciliation_item i WHERE i.run_id = cm_reconcile.run_id;
@@ -535,7 +731,7 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION @extschema@.cm_reconcile(integer, numeric, boolean) IS 'compare the queue tables (every enabled source, or the one named) with cm.ledger by checksums computed on queue-db and with portfolio_transactions locally; records the run (cm.reconciliation_run) and each difference with its diagnosis (cm.reconciliation_item); with repair => true, repairs them (cm_repair)';
+COMMENT ON FUNCTION @extschema@.cm_reconcile(integer, numeric, boolean) IS 'compare the queue tables (every enabled source, or the one named) with portfolio_transactions and cm.ledger by checksums per uuid bucket, computed on queue-db and locally, then the rows of the differing buckets one by one; records the run (cm.reconciliation_run) and each difference with its diagnosis (cm.reconciliation_item); with repair => true, repairs them (cm_repair)';
 REVOKE ALL ON FUNCTION @extschema@.cm_reconcile(integer, numeric, boolean) FROM PUBLIC;
 
 /*
