@@ -755,15 +755,17 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
 	 * account step took) and after (RETURNING: what the UPDATE wrote,
 	 * triggers included).  Several effects on one account in a cycle are
 	 * one combined update, so each of them carries the values before and
-	 * after that update, and how many effects it combined.  The values are
-	 * stored as numeric[]; the jsonb payload is built when read (cm.event),
+	 * after that update, and how many effects it combined (counted in b,
+	 * with the values before, rather than by a window over the effects).
+	 * The values are stored as numeric[]; the jsonb payload is built when read (cm.event),
 	 * or here with consistency_manager.event_payload on.
 	 */
 	return psprintf(
 		"WITH b AS MATERIALIZED (\n"
-		"  SELECT p.accountid, " PORTFOLIO_VALUES " AS v\n"
-		"    FROM %1$s p\n"
-		"   WHERE p.accountid IN (SELECT e.accountid FROM cm.batch_effect e)\n"
+		"  SELECT p.accountid, " PORTFOLIO_VALUES " AS v, c.n\n"
+		"    FROM (SELECT e.accountid, count(*)::integer AS n FROM cm.batch_effect e\n"
+		"           GROUP BY e.accountid) c\n"
+		"    JOIN %1$s p ON p.accountid = c.accountid\n"
 		"),\n"
 		"u AS (\n"
 		"  UPDATE %1$s p\n"
@@ -782,8 +784,7 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
 		"                                  'after', " ACCOUNT_JSONB("q.after") ",\n"
 		"                                  'effects_in_cycle', q.n) END\n"
 		"  FROM (SELECT e.source_id, e.uuid, e.accountid, e.event_type, e.queue_row, e.policy, e.kind,\n"
-		"               e.factors, e.amounts, b.v AS before, u.v AS after,\n"
-		"               count(*) OVER (PARTITION BY e.accountid)::integer AS n\n"
+		"               e.factors, e.amounts, b.v AS before, u.v AS after, b.n\n"
 		"          FROM cm.batch_effect e\n"
 		"          JOIN b ON b.accountid = e.accountid\n"
 		"          JOIN u ON u.accountid = e.accountid\n"
