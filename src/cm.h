@@ -48,6 +48,7 @@ extern int	cm_max_databases;
 extern int	cm_reconcile_interval;
 extern bool cm_events;
 extern int	cm_event_retention;
+extern bool cm_event_payload;
 
 extern void cm_define_gucs(void);
 

@@ -247,6 +247,14 @@ cm_sql_stage_dead_letters(const char *foreign_table, const char *account_column,
  * (stale) is a no-op, which is what makes a re-read harmless.  The writing
  * CTEs run to completion whether or not the final SELECT reads them.
  */
+/*
+ * Whether the cycle stores each event's jsonb payload in cm.journal too
+ * (consistency_manager.event_payload, for Debezium's outbox event router):
+ * an uncorrelated subquery, evaluated once per statement.
+ */
+#define EVENT_PAYLOAD_ON \
+	"(SELECT current_setting('consistency_manager.event_payload')::boolean)"
+
 /* A row of cm.batch as it was read from queue-db, for the journal (alias f). */
 #define QUEUE_ROW \
 	"ROW(f.queue_id, f.uuid_text, f.accountid, f.transaction_type, f.tier_1, f.tier_2," \
@@ -530,15 +538,19 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		 * step, which knows the accounts' values before and after.
 		 */
 		" ev AS ("
-		"  INSERT INTO cm.event (source_id, uuid, accountid, event_type, payload)"
-		"  SELECT $1, q.id, q.accountid, q.event_type, q.payload"
-		"    FROM (SELECT f.queue_id, f.id, f.accountid,"
+		"  INSERT INTO cm.journal (source_id, uuid, accountid, event_type, queue_row, portfolio_status,"
+		"                          previous_status, adopted, reason, payload)"
+		"  SELECT $1, q.id, q.accountid, q.event_type, q.queue_row, q.portfolio_status, q.l_status,"
+		"         q.adopted, q.why,"
+		"         CASE WHEN " EVENT_PAYLOAD_ON " THEN"
+		"              to_jsonb(ROW(q.queue_row, q.portfolio_status, q.l_status, q.adopted,"
+		"                           q.why)::cm.event_change) END"
+		"    FROM (SELECT f.queue_id, f.id, f.accountid, " QUEUE_ROW " AS queue_row,"
+		"                 f.portfolio_status, f.l_status, f.adopted, f.why,"
 		"                 CASE WHEN f.why IS NOT NULL THEN 'dead_lettered'"
 		"                      WHEN f.change = 'new' THEN 'transaction_created'"
 		"                      WHEN f.status IS DISTINCT FROM f.l_status THEN 'status_changed'"
-		"                      ELSE 'transaction_updated' END AS event_type,"
-		"                 to_jsonb(ROW(" QUEUE_ROW ", f.portfolio_status, f.l_status, f.adopted,"
-		"                              f.why)::cm.event_change) AS payload"
+		"                      ELSE 'transaction_updated' END AS event_type"
 		"            FROM f"
 		"           WHERE ((f.act AND f.why IS NULL) OR (f.why IS NOT NULL AND f.fresh))"
 		"             AND current_setting('consistency_manager.events')::boolean"
@@ -681,9 +693,13 @@ cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid)
 }
 
 /* An account's tier values and allocations, for the journal (alias p). */
-#define PORTFOLIO_ROW \
-	"ROW(p.tier1_value, p.tier2_value, p.tier3_value, p.total_value, p.tier1_allocation," \
-	" p.tier2_allocation, p.tier3_allocation, p.total_allocation)::cm.event_account"
+#define PORTFOLIO_VALUES \
+	"ARRAY[p.tier1_value, p.tier2_value, p.tier3_value, p.total_value, p.tier1_allocation," \
+	" p.tier2_allocation, p.tier3_allocation, p.total_allocation]::numeric[]"
+
+/* The values of PORTFOLIO_VALUES (a numeric[]) as jsonb, for a payload. */
+#define ACCOUNT_JSONB(v) \
+	"to_jsonb(ROW(" v "[1], " v "[2], " v "[3], " v "[4], " v "[5], " v "[6], " v "[7], " v "[8])::cm.event_account)"
 
 /*
  * The cycle's last step, part two: apply each account's factors to the row
@@ -739,29 +755,36 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
 	 * account step took) and after (RETURNING: what the UPDATE wrote,
 	 * triggers included).  Several effects on one account in a cycle are
 	 * one combined update, so each of them carries the values before and
-	 * after that update, and how many effects it combined.  The values are
-	 * turned into jsonb once per account, not once per effect.
+	 * after that update, and how many effects it combined (counted in b,
+	 * with the values before, rather than by a window over the effects).
+	 * The values are stored as numeric[]; the jsonb payload is built when read (cm.event),
+	 * or here with consistency_manager.event_payload on.
 	 */
 	return psprintf(
 		"WITH b AS MATERIALIZED (\n"
-		"  SELECT p.accountid,\n"
-		"         to_jsonb(" PORTFOLIO_ROW ") AS v\n"
-		"    FROM %1$s p\n"
-		"   WHERE p.accountid IN (SELECT e.accountid FROM cm.batch_effect e)\n"
+		"  SELECT p.accountid, " PORTFOLIO_VALUES " AS v, c.n\n"
+		"    FROM (SELECT e.accountid, count(*)::integer AS n FROM cm.batch_effect e\n"
+		"           GROUP BY e.accountid) c\n"
+		"    JOIN %1$s p ON p.accountid = c.accountid\n"
 		"),\n"
 		"u AS (\n"
 		"  UPDATE %1$s p\n"
 		"%3$s%2$s\n"
 		"    FROM (" ACCOUNT_FACTORS ") n\n"
 		"   WHERE p.accountid = n.accountid\n"
-		"  RETURNING p.accountid, to_jsonb(" PORTFOLIO_ROW ") AS v\n"
+		"  RETURNING p.accountid, " PORTFOLIO_VALUES " AS v\n"
 		")\n"
-		"INSERT INTO cm.event (source_id, uuid, accountid, event_type, payload)\n"
-		"SELECT q.source_id, q.uuid, q.accountid, q.event_type, q.payload\n"
-		"  FROM (SELECT e.source_id, e.uuid, e.accountid, e.event_type,\n"
-		"               to_jsonb(ROW(e.queue_row, e.policy, e.kind, e.factors, e.amounts)::cm.event_effect)\n"
-		"               || jsonb_build_object('before', b.v, 'after', u.v,\n"
-		"                                     'effects_in_cycle', count(*) OVER (PARTITION BY e.accountid)) AS payload\n"
+		"INSERT INTO cm.journal (source_id, uuid, accountid, event_type, queue_row, policy, kind,\n"
+		"                        factors, amounts, before, after, effects_in_cycle, payload)\n"
+		"SELECT q.source_id, q.uuid, q.accountid, q.event_type, q.queue_row, q.policy, q.kind,\n"
+		"       q.factors, q.amounts, q.before, q.after, q.n,\n"
+		"       CASE WHEN " EVENT_PAYLOAD_ON " THEN\n"
+		"            to_jsonb(ROW(q.queue_row, q.policy, q.kind, q.factors, q.amounts)::cm.event_effect)\n"
+		"            || jsonb_build_object('before', " ACCOUNT_JSONB("q.before") ",\n"
+		"                                  'after', " ACCOUNT_JSONB("q.after") ",\n"
+		"                                  'effects_in_cycle', q.n) END\n"
+		"  FROM (SELECT e.source_id, e.uuid, e.accountid, e.event_type, e.queue_row, e.policy, e.kind,\n"
+		"               e.factors, e.amounts, b.v AS before, u.v AS after, b.n\n"
 		"          FROM cm.batch_effect e\n"
 		"          JOIN b ON b.accountid = e.accountid\n"
 		"          JOIN u ON u.accountid = e.accountid\n"
@@ -922,16 +945,18 @@ const char *cm_sql_dead_letter_staged =
 	"            d.updated_at, d.reason),\n"
 	/* a new dead letter is journalled, as in the processing statement */
 	"ev AS (\n"
-	"  INSERT INTO cm.event (source_id, uuid, accountid, event_type, payload)\n"
-	"  SELECT f.source_id, cm.try_uuid(f.uuid_text), f.accountid, 'dead_lettered',\n"
-	"         to_jsonb(ROW(" QUEUE_ROW ", NULL, NULL, NULL, f.reason)::cm.event_change)\n"
+	"  INSERT INTO cm.journal (source_id, uuid, accountid, event_type, queue_row, reason, payload)\n"
+	"  SELECT f.source_id, cm.try_uuid(f.uuid_text), f.accountid, 'dead_lettered', " QUEUE_ROW ",\n"
+	"         f.reason,\n"
+	"         CASE WHEN " EVENT_PAYLOAD_ON " THEN\n"
+	"              to_jsonb(ROW(" QUEUE_ROW ", NULL, NULL, NULL, f.reason)::cm.event_change) END\n"
 	"    FROM d f\n"
 	"   WHERE f.fresh AND current_setting('consistency_manager.events')::boolean)\n"
 	"SELECT d.fresh FROM d";
 
 /* The last event_id of the journal (0 when empty). */
 const char *cm_sql_journal_end =
-	"SELECT coalesce(max(event_id), 0)::bigint FROM cm.event";
+	"SELECT coalesce(max(event_id), 0)::bigint FROM cm.journal";
 
 /*
  * After a cycle's writes: one NOTIFY for the events after $1, if any, and
@@ -949,8 +974,8 @@ const char *cm_sql_journal_end =
  */
 const char *cm_sql_journal_announce =
 	"WITH gone AS (\n"
-	"  DELETE FROM cm.event e\n"
-	"   WHERE e.event_id IN (SELECT o.event_id FROM cm.event o\n"
+	"  DELETE FROM cm.journal e\n"
+	"   WHERE e.event_id IN (SELECT o.event_id FROM cm.journal o\n"
 	"                         WHERE o.event_id <= (SELECT coalesce(min(c.acked_id), $1) FROM cm.consumer c)\n"
 	"                           AND o.event_id <= $1\n"
 	"                           AND o.occurred_at < now() - make_interval(secs => $2)\n"
@@ -959,7 +984,7 @@ const char *cm_sql_journal_announce =
 	"SELECT pg_catalog.pg_notify('consistency_manager',\n"
 	"                            json_build_object('first_event_id', m.lo, 'last_event_id', m.hi)::text),\n"
 	"       (SELECT count(*) FROM gone)\n"
-	"  FROM (SELECT min(event_id) AS lo, max(event_id) AS hi FROM cm.event WHERE event_id > $1) m\n"
+	"  FROM (SELECT min(event_id) AS lo, max(event_id) AS hi FROM cm.journal WHERE event_id > $1) m\n"
 	" WHERE m.hi IS NOT NULL";
 
 /* The accounts the cycle is about to write, in key order. */

@@ -33,6 +33,7 @@ int			cm_max_databases = 32;
 int			cm_reconcile_interval = 0;
 bool		cm_events = true;
 int			cm_event_retention = 7 * 24 * 3600;
+bool		cm_event_payload = false;
 
 /*
  * cm_define_gucs
@@ -186,7 +187,7 @@ cm_define_gucs(void)
 							NULL, NULL, NULL);
 
 	DefineCustomBoolVariable("consistency_manager.events",
-							 "Whether the sync cycle writes the event journal (cm.event).",
+							 "Whether the sync cycle writes the event journal (cm.journal, read as cm.event).",
 							 "Off: no event is written and no NOTIFY sent; consumers see nothing new.",
 							 &cm_events,
 							 true,
@@ -194,8 +195,18 @@ cm_define_gucs(void)
 							 0,
 							 NULL, NULL, NULL);
 
+	DefineCustomBoolVariable("consistency_manager.event_payload",
+							 "Whether the sync cycle also stores each event's jsonb payload in cm.journal.",
+							 "For Debezium's outbox event router, which reads the table from the WAL; "
+							 "off, the payload is built when read (cm.event, cm_events()).",
+							 &cm_event_payload,
+							 false,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
+
 	DefineCustomIntVariable("consistency_manager.event_retention",
-							"How long acknowledged events are kept in cm.event.",
+							"How long acknowledged events are kept in cm.journal.",
 							"An event is removed only once every consumer has acknowledged it.",
 							&cm_event_retention,
 							7 * 24 * 3600, 0, PG_INT32_MAX,

@@ -99,9 +99,9 @@ typedef struct CmPrivilege
  * cm.discarded the dead letters whose queue row was deleted (INSERT ... ON
  * CONFLICT DO UPDATE), empties the scratch tables with DELETE or TRUNCATE, and
  * appends to (and prunes) cm.cycle_history.  It journals its effects
- * through cm.batch_effect into cm.event, and prunes cm.event up to the
+ * through cm.batch_effect into cm.journal, and prunes cm.journal up to the
  * offsets of cm.consumer.  The identity columns of cm.cycle_history,
- * cm.batch_effect and cm.event need no privilege on their sequences.
+ * cm.batch_effect and cm.journal need no privilege on their sequences.
  */
 static const struct
 {
@@ -120,7 +120,7 @@ static const struct
 	{"cycle_history", ACL_SELECT | ACL_INSERT | ACL_DELETE},
 	{"discarded", ACL_SELECT | ACL_INSERT | ACL_UPDATE},
 	{"batch_effect", ACL_SELECT | ACL_INSERT | ACL_DELETE | ACL_TRUNCATE},
-	{"event", ACL_SELECT | ACL_INSERT | ACL_DELETE},
+	{"journal", ACL_SELECT | ACL_INSERT | ACL_DELETE},
 	{"consumer", ACL_SELECT},
 };
 

@@ -9,7 +9,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(75);
+SELECT plan(79);
 
 \ir lib/helpers.sql
 
@@ -266,6 +266,30 @@ SELECT throws_ok($$SELECT cm_set_effect_policy(1, 'double')$$, '22023', 'unknown
 SELECT throws_ok($$SELECT cm_set_effect_policy(-1, 'none')$$, 'P0002', 'source -1 does not exist',
     'an unknown source is refused');
 
+-- 10b. the payload stored for Debezium (consistency_manager.event_payload) -----------------
+CREATE TEMP TABLE payload_mark AS SELECT max(event_id) AS id FROM cm.journal;
+SET LOCAL consistency_manager.event_payload = on;
+INSERT INTO cm_remote.queue_server_investment_queue
+        (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
+VALUES (9, 'A2', 1, 2, 3, 'e0000000-0000-4000-8000-000000000009', 'COMPLETED', now(), now());
+SELECT pg_temp.sync();
+RESET consistency_manager.event_payload;
+SELECT results_eq(
+    $$SELECT j.event_type, j.payload->'queue_row'->>'queue_id', j.payload->>'policy', j.payload->'amounts',
+             (j.payload->'after'->>'tier1_value')::numeric - (j.payload->'before'->>'tier1_value')::numeric,
+             (j.payload->'after'->>'total_allocation')::numeric - (j.payload->'before'->>'total_allocation')::numeric,
+             j.payload->'after'->>'tier3_value'
+        FROM cm.journal j WHERE j.event_id > (SELECT id FROM payload_mark) ORDER BY j.event_id$$,
+    $$VALUES ('transaction_created', '9', NULL, NULL, NULL, NULL, NULL),
+             ('effect_applied', '9', 'amount', '[1.00, 2.00, 3.00]'::jsonb, 1.00, 6.00,
+              (SELECT tier3_value::text FROM user_portfolios WHERE accountid = 'A2'))$$,
+    'event_payload on: the cycle stores each event''s payload in cm.journal');
+SELECT is_empty($$SELECT j.event_id FROM cm.journal j
+                   WHERE j.event_id > (SELECT id FROM payload_mark) AND j.payload IS DISTINCT FROM cm.event_payload(j)$$,
+    'the stored payload is the one cm.event builds from the typed columns');
+SELECT is((SELECT count(*)::int FROM cm.journal j WHERE j.payload IS NOT NULL AND j.event_id <= (SELECT id FROM payload_mark)), 0,
+    'event_payload off (the default): no payload is stored');
+
 -- 11. privileges ---------------------------------------------------------------------------
 SELECT is_empty($$
     SELECT p.oid::regprocedure::text FROM pg_proc p
@@ -275,7 +299,7 @@ SELECT is_empty($$
     'PUBLIC may execute none of the new functions');
 SELECT is_empty($$
     SELECT c.oid::regclass::text FROM pg_class c
-     WHERE c.oid IN ('cm.event'::regclass, 'cm.consumer'::regclass, 'cm.batch_effect'::regclass,
+     WHERE c.oid IN ('cm.event'::regclass, 'cm.journal'::regclass, 'cm.consumer'::regclass, 'cm.batch_effect'::regclass,
                      'cm.event_outbox'::regclass)
        AND EXISTS (SELECT 1 FROM aclexplode(c.relacl) a WHERE a.grantee = 0)$$,
     'PUBLIC has no privilege on the journal''s tables');
@@ -285,7 +309,8 @@ SET LOCAL ROLE cm_test_consumer;
 SELECT is((SELECT count(*)::int FROM cm_events('audit', 2)), 2, 'a consumer role with EXECUTE only reads events');
 SELECT ok(cm_events_ack('audit', (SELECT max(event_id) FROM cm_events('audit', 2))) > 0,
     'and acknowledges them');
-SELECT throws_ok('SELECT * FROM cm.event', '42501', NULL, 'but cannot read the journal table itself');
+SELECT throws_ok('SELECT * FROM cm.event', '42501', NULL, 'but cannot read the journal itself');
+SELECT throws_ok('SELECT * FROM cm.journal', '42501', NULL, 'nor its table');
 SELECT throws_ok($$SELECT cm_consumer_create('mine')$$, '42501', NULL, 'nor create consumers without EXECUTE');
 RESET ROLE;
 

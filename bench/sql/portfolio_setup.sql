@@ -38,7 +38,7 @@ CREATE TABLE bench.portfolios_orig AS SELECT * FROM user_portfolios;
 /* Put user-portfolio-db back to "nothing synced yet". */
 CREATE PROCEDURE bench.reset() LANGUAGE plpgsql AS $$
 BEGIN
-    TRUNCATE portfolio_transactions, user_portfolios, cm.ledger, cm.dead_letter, cm.batch, cm.event;
+    TRUNCATE portfolio_transactions, user_portfolios, cm.ledger, cm.dead_letter, cm.batch, cm.journal;
     INSERT INTO user_portfolios SELECT * FROM bench.portfolios_orig;
     UPDATE cm.source SET watermark = NULL, watermark_id = NULL, read_horizon = NULL,
                          oldest_open_xact = NULL, horizon_visible = NULL, last_synced_at = NULL;
