@@ -100,6 +100,7 @@ typedef struct Source
 	TimestampTz rows_counted_at;	/* ... and when it was last counted */
 	int64		new_rows_behind;	/* after this cycle's read (finish_source) */
 	TimestampTz new_counted_at;
+	bool		has_dead_letters;	/* cm.dead_letter holds rows of it as the cycle began */
 } Source;
 
 /*
@@ -643,6 +644,7 @@ read_sources(int *count)
 			s->has_rows_behind = false;
 		s->new_rows_behind = s->rows_behind;
 		s->new_counted_at = s->rows_counted_at;
+		s->has_dead_letters = DatumGetBool(SPI_getbinval(tup, desc, 16, &isnull));
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return sources;
@@ -1093,7 +1095,15 @@ stage_source(Source *src, CmCycleResult *result)
 	 * letter, whose current version this pass staged.
 	 */
 	values[0] = Int32GetDatum(src->source_id);
-	stage_dead_letters(src, dead_letters);
+
+	/*
+	 * Dead letters are added by the cycle (under the cycle lock) or by
+	 * cm_repair() in the transaction of the cycle it then runs, so a source
+	 * that had none as this cycle began has none to stage: an idle cycle
+	 * spares queue-db that query.
+	 */
+	if (src->has_dead_letters)
+		stage_dead_letters(src, dead_letters);
 
 	for (;;)
 	{

@@ -817,7 +817,8 @@ const char *cm_sql_sources =
 	"       s.server_name::text, s.last_error, s.watermark_id, s.read_horizon,"
 	"       to_regclass(format('cm_remote.%I', 'activity_' || fs.oid))::oid,"
 	"       (SELECT substr(o, 8) FROM unnest(fs.srvoptions) o WHERE o LIKE 'dbname=%'),"
-	"       s.rows_behind, s.rows_behind_at"
+	"       s.rows_behind, s.rows_behind_at,"
+	"       EXISTS (SELECT 1 FROM cm.dead_letter d WHERE d.source_id = s.source_id)"
 	"  FROM cm.source s LEFT JOIN pg_catalog.pg_foreign_server fs ON fs.srvname = s.server_name"
 	" WHERE s.enabled ORDER BY s.source_id";
 
