@@ -188,6 +188,8 @@ static SPIPlanPtr move_plan = NULL;
 static SPIPlanPtr clear_stage_plan = NULL;
 static SPIPlanPtr delete_stage_plan = NULL;
 static SPIPlanPtr delete_batch_plan = NULL;
+static SPIPlanPtr journal_end_plan = NULL;
+static SPIPlanPtr journal_announce_plan = NULL;
 
 /*
  * The scratch tables are emptied by DELETE while the rows this backend
@@ -333,6 +335,7 @@ prepare_fixed_plans(void)
 	Oid			passargs[2] = {INT4OID, INT2OID};
 	Oid			tidsarg[1] = {TIDARRAYOID};
 	Oid			dlargs[2] = {TIDOID, TEXTOID};
+	Oid			journalargs[2] = {INT8OID, FLOAT8OID};
 
 	if (sources_plan == NULL)
 		sources_plan = prepare_kept(cm_sql_sources, 0, NULL, 0);
@@ -365,6 +368,10 @@ prepare_fixed_plans(void)
 		delete_stage_plan = prepare_kept(cm_sql_delete_stage, 0, NULL, 0);
 	if (delete_batch_plan == NULL)
 		delete_batch_plan = prepare_kept(cm_sql_delete_batch, 0, NULL, 0);
+	if (journal_end_plan == NULL)
+		journal_end_plan = prepare_kept(cm_sql_journal_end, 0, NULL, 0);
+	if (journal_announce_plan == NULL)
+		journal_announce_plan = prepare_kept(cm_sql_journal_announce, 2, journalargs, 0);
 }
 
 /*
@@ -435,14 +442,15 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
  *		The page-staging statement of one source; *unplaceable is set to the
  *		one that stages its rows with no place in the order of updated_at,
  *		*dead_letters to the one that stages the current rows of its dead
- *		letters.
+ *		letters, *count to the one that counts the rows past a read
+ *		position (count_behind).
  *
  * Split-layout tables carry the transaction type in their name; the
  * unified table has a transaction_type column.
  */
 static SPIPlanPtr
 get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_letters,
-			   TimestampTz **unplaceable_read)
+			   SPIPlanPtr *count, TimestampTz **unplaceable_read)
 {
 	Oid			argtypes[5] = {INT4OID, TIMESTAMPTZOID, INT8OID, INT8OID, TIMESTAMPTZOID};
 	Oid			dlargtypes[3] = {INT4OID, INT8OID, INT8OID};
@@ -464,6 +472,7 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_lett
 	{
 		*unplaceable = sp->unplaceable;
 		*dead_letters = sp->dead_letters;
+		*count = sp->count_behind;
 		*unplaceable_read = &sp->unplaceable_read;
 		return sp->plan;
 	}
@@ -529,6 +538,7 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_lett
 	sp->relid = src->relid;
 	*unplaceable = sp->unplaceable;
 	*dead_letters = sp->dead_letters;
+	*count = sp->count_behind;
 	*unplaceable_read = &sp->unplaceable_read;
 	return sp->plan;
 }
@@ -541,23 +551,19 @@ get_stage_plan(const Source *src, SPIPlanPtr *unplaceable, SPIPlanPtr *dead_lett
  *		max_rows_per_cycle (see CM_RECOUNT_BEHIND_MS).
  */
 static int64
-count_behind(const Source *src, TimestampTz from, int64 last_id, TimestampTz upper)
+count_behind(SPIPlanPtr plan, const Source *src, TimestampTz from, int64 last_id,
+			 TimestampTz upper)
 {
 	Datum		values[3];
 	bool		isnull;
 	int64		n;
-	int			i;
 
-	for (i = 0; i < n_stage_plans; i++)
-		if (stage_plans[i].source_id == src->source_id)
-			break;
-	Assert(i < n_stage_plans);
 	values[0] = TimestampTzGetDatum(from);
 	values[1] = Int64GetDatum(last_id);
 	values[2] = TimestampTzGetDatum(upper);
 	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s): counting the rows behind",
 					  src->source_id, src->server_name));
-	run_plan(stage_plans[i].count_behind, values, NULL, SPI_OK_SELECT);
+	run_plan(plan, values, NULL, SPI_OK_SELECT);
 	n = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	return n;
@@ -1000,6 +1006,7 @@ stage_source(Source *src, CmCycleResult *result)
 	SPIPlanPtr	stage;
 	SPIPlanPtr	unplaceable;
 	SPIPlanPtr	dead_letters;
+	SPIPlanPtr	count;
 	TimestampTz *unplaceable_read;
 	int64		read_here = 0;	/* rows read from this source in this cycle */
 	int			pages = 0;
@@ -1080,7 +1087,7 @@ stage_source(Source *src, CmCycleResult *result)
 	(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
 							 GUC_ACTION_SAVE, true, 0, false);
 
-	stage = get_stage_plan(src, &unplaceable, &dead_letters, &unplaceable_read);
+	stage = get_stage_plan(src, &unplaceable, &dead_letters, &count, &unplaceable_read);
 
 	/*
 	 * The phase names the source and its server: cm_health() reads it from
@@ -1173,7 +1180,7 @@ stage_source(Source *src, CmCycleResult *result)
 			 TimestampDifferenceExceeds(src->rows_counted_at, GetCurrentTimestamp(),
 										CM_RECOUNT_BEHIND_MS))
 	{
-		src->new_rows_behind = count_behind(src, from, last_id, upper);
+		src->new_rows_behind = count_behind(count, src, from, last_id, upper);
 		src->new_counted_at = GetCurrentTimestamp();
 	}
 	else
@@ -1555,6 +1562,22 @@ dead_letter_row(PassWork *w, ItemPointer tid, const ErrorData *e)
 	SPI_freetuptable(SPI_tuptable);
 }
 
+/* The staged rows tids[0..n-1] as a tid[] for the statements that take them. */
+static Datum
+tid_array(ItemPointerData *tids, int n)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * n);
+	Datum		array;
+	int			j;
+
+	for (j = 0; j < n; j++)
+		elems[j] = PointerGetDatum(&tids[j]);
+	array = PointerGetDatum(construct_array(elems, n, TIDOID, sizeof(ItemPointerData), false,
+											TYPALIGN_SHORT));
+	pfree(elems);
+	return array;
+}
+
 /*
  * try_row_set
  *		Apply the n staged rows at tids as one set, in a subtransaction;
@@ -1563,16 +1586,9 @@ dead_letter_row(PassWork *w, ItemPointer tid, const ErrorData *e)
 static void
 try_row_set(PassWork *w, ItemPointerData *tids, int n, ErrorData **failure)
 {
-	Datum	   *elems = palloc(sizeof(Datum) * n);
-	int			j;
-
-	for (j = 0; j < n; j++)
-		elems[j] = PointerGetDatum(&tids[j]);
-	w->tids = PointerGetDatum(construct_array(elems, n, TIDOID,
-											  sizeof(ItemPointerData), false, TYPALIGN_SHORT));
+	w->tids = tid_array(tids, n);
 	set_step("consistency_manager: applying changes (isolating rows that cannot apply)");
 	*failure = try_step(process_row_set, w, data_error);
-	pfree(elems);
 }
 
 /*
@@ -1585,7 +1601,6 @@ try_row_set(PassWork *w, ItemPointerData *tids, int n, ErrorData **failure)
 static int
 row_named_by(ItemPointerData *tids, int n, const ErrorData *e)
 {
-	Datum	   *elems;
 	Datum		arg;
 	int			found = -1;
 	uint64		i;
@@ -1593,11 +1608,7 @@ row_named_by(ItemPointerData *tids, int n, const ErrorData *e)
 
 	if (e->detail == NULL || strlen(e->detail) < 36)
 		return -1;
-	elems = palloc(sizeof(Datum) * n);
-	for (j = 0; j < n; j++)
-		elems[j] = PointerGetDatum(&tids[j]);
-	arg = PointerGetDatum(construct_array(elems, n, TIDOID, sizeof(ItemPointerData), false,
-										  TYPALIGN_SHORT));
+	arg = tid_array(tids, n);
 	run_plan(stage_ids_plan, &arg, NULL, SPI_OK_SELECT);
 	for (i = 0; i < SPI_processed && found < 0; i++)
 	{
@@ -1615,7 +1626,6 @@ row_named_by(ItemPointerData *tids, int n, const ErrorData *e)
 		}
 	}
 	SPI_freetuptable(SPI_tuptable);
-	pfree(elems);
 	return found;
 }
 
@@ -1994,9 +2004,6 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
 	AtEOXact_GUC(true, save_nestlevel);
 }
 
-/* The journal statements (cycle_sql.c), prepared at first use. */
-static SPIPlanPtr journal_end_plan = NULL;
-static SPIPlanPtr journal_announce_plan = NULL;
 
 /*
  * journal_end
@@ -2010,8 +2017,6 @@ journal_end(void)
 	bool		isnull;
 	int64		end;
 
-	if (journal_end_plan == NULL)
-		journal_end_plan = prepare_kept(cm_sql_journal_end, 0, NULL, 0);
 	run_plan(journal_end_plan, NULL, NULL, SPI_OK_SELECT);
 	end = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_freetuptable(SPI_tuptable);
@@ -2030,10 +2035,7 @@ static void
 journal_announce(int64 since)
 {
 	Datum		values[2];
-	Oid			argtypes[2] = {INT8OID, FLOAT8OID};
 
-	if (journal_announce_plan == NULL)
-		journal_announce_plan = prepare_kept(cm_sql_journal_announce, 2, argtypes, 0);
 	values[0] = Int64GetDatum(since);
 	values[1] = Float8GetDatum((double) cm_event_retention);
 	set_step("consistency_manager: announcing events");

@@ -334,14 +334,11 @@ cm_stats_cycle_start(void)
 void
 cm_stats_progress(const char *phase, int64 rows_read)
 {
-	CmDatabaseStats *db;
-	int			free_slot;
+	CmDatabaseStats *db = lock_database_stats(false);
 
-	if (cm_shared == NULL || !OidIsValid(MyDatabaseId))
+	if (db == NULL)
 		return;
-	LWLockAcquire(cm_shared->lock, LW_EXCLUSIVE);
-	db = find_database_stats(MyDatabaseId, &free_slot);
-	if (db != NULL && db->running_pid == MyProcPid)
+	if (db->running_pid == MyProcPid)
 	{
 		strlcpy(db->running_phase, phase, sizeof(db->running_phase));
 		db->running_rows = rows_read;
