@@ -104,6 +104,8 @@ extern const char *cm_sql_clear_batch;
 extern const char *cm_sql_history;
 extern const char *cm_sql_stage_tids;
 extern const char *cm_sql_copy_stage;
+extern const char *cm_sql_check_constraint;
+extern char *cm_sql_check_suspects(const char *check_expr, const char *const *types);
 extern const char *cm_sql_dead_letter_staged;
 extern const char *cm_sql_batch_accounts;
 extern const char *cm_sql_journal_end;

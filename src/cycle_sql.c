@@ -923,6 +923,79 @@ const char *cm_sql_copy_stage =
 	"  FROM cm.stage s WHERE s.ctid = ANY ($1::tid[])";
 
 /*
+ * The catalog facts check_suspects needs: the expression of CHECK
+ * constraint $2 of portfolio_transactions ($1), and the types of the ten
+ * columns the cycle writes (NULL for a column the table lacks).
+ */
+const char *cm_sql_check_constraint =
+	"SELECT pg_catalog.pg_get_expr(c.conbin, c.conrelid),\n"
+	"       (SELECT pg_catalog.array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY w.ord)\n"
+	"          FROM unnest(ARRAY['id', 'accountid', 'transaction_type', 'tier1_change', 'tier2_change',\n"
+	"                            'tier3_change', 'total_amount', 'status', 'created_at', 'updated_at'])\n"
+	"               WITH ORDINALITY AS w(name, ord)\n"
+	"          LEFT JOIN pg_catalog.pg_attribute a\n"
+	"                 ON a.attrelid = c.conrelid AND a.attname = w.name AND NOT a.attisdropped)\n"
+	"  FROM pg_catalog.pg_constraint c\n"
+	" WHERE c.conrelid = $1 AND c.conname = $2 AND c.contype = 'c'";
+
+/*
+ * The staged rows ($1 tid[]) whose row of portfolio_transactions, as the
+ * processing statement would insert it, the CHECK expression check_expr
+ * refuses (evaluates to false).  types: the ten columns' types, as
+ * cm_sql_check_constraint returns them (NULL: not cast).  Only a hint for
+ * poison-row isolation (see check_suspects in cycle.c): the expression is
+ * evaluated over the computed columns alone, and an expression over other
+ * columns makes this statement fail, which is caught.
+ */
+char *
+cm_sql_check_suspects(const char *check_expr, const char *const *types)
+{
+	static const char *const cols[10] = {"id", "accountid", "transaction_type", "tier1_change",
+		"tier2_change", "tier3_change", "total_amount", "status", "created_at", "updated_at"};
+	const char *exprs[10] = {
+		"cm.try_uuid(s.uuid)", "s.accountid", "k.kind", "k.sgn * %s", "k.sgn * %s", "k.sgn * %s",
+		"k.sgn * (%s + %s + %s)", "m.portfolio_status", "coalesce(s.created_at, s.updated_at)",
+	"s.updated_at"};
+	const char *tiers[3] = {"s.tier_1", "s.tier_2", "s.tier_3"};
+	char	   *rounded[3];
+	StringInfoData buf;
+	int			i;
+
+	/* a tier amount as the cycle writes it: rounded to its column's scale */
+	for (i = 0; i < 3; i++)
+		rounded[i] = types[3 + i] ? psprintf("CAST(%s AS %s)", tiers[i], types[3 + i]) : pstrdup(tiers[i]);
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "SELECT t.\"cm tid\" FROM (SELECT s.ctid AS \"cm tid\"");
+	for (i = 0; i < 10; i++)
+	{
+		char	   *e;
+
+		if (i >= 3 && i <= 5)
+			e = psprintf(exprs[i], rounded[i - 3]);
+		else if (i == 6)
+			e = psprintf(exprs[i], rounded[0], rounded[1], rounded[2]);
+		else
+			e = pstrdup(exprs[i]);
+		if (types[i])
+			appendStringInfo(&buf, ", CAST(%s AS %s) AS %s", e, types[i], cols[i]);
+		else
+			appendStringInfo(&buf, ", %s AS %s", e, cols[i]);
+	}
+	appendStringInfo(&buf,
+					 " FROM cm.stage s"
+					 " LEFT JOIN cm.status_map m ON m.queue_status = s.status"
+					 " CROSS JOIN LATERAL (SELECT v.kind, CASE v.kind WHEN 'INVEST' THEN 1 ELSE -1 END AS sgn"
+					 "                       FROM (SELECT CASE upper(s.transaction_type) WHEN 'INVEST' THEN 'INVEST'"
+					 "                                    WHEN 'WITHDRAW' THEN 'WITHDRAWAL' WHEN 'WITHDRAWAL' THEN 'WITHDRAWAL'"
+					 "                                    END AS kind) v) k"
+					 " WHERE s.ctid = ANY ($1::tid[])) t"
+					 " WHERE (%s) IS FALSE",
+					 check_expr);
+	return buf.data;
+}
+
+/*
  * Dead-letter one staged row that the processing statement cannot apply
  * (isolated by the cycle).  $1 its ctid, $2 the reason.  Returns whether
  * the dead letter is new.

@@ -11,7 +11,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(20);
+SELECT plan(24);
 
 \ir lib/helpers.sql
 \ir fixtures/portfolio_strict.sql
@@ -83,6 +83,35 @@ SELECT is((SELECT string_agg(queue_id::text, ',') FROM cm.dead_letter), '902',
     'the row the CHECK still refuses stays a dead letter');
 SELECT is(pg_temp.sync(), 'sources=2 rows_read=6 created=0 updated=0 completed_applied=0 compensated=0 dead_lettered=0',
     'and is not counted again');
+
+-- many rows refused by CHECKs of portfolio_transactions: one the cycle can
+-- evaluate over the columns it writes (the refused rows are found in one
+-- statement) and one over a column of the application's (found by halving)
+ALTER TABLE portfolio_transactions ADD COLUMN channel text NOT NULL DEFAULT 'queue',
+    ADD CONSTRAINT no_thirteen CHECK (abs(tier2_change) <> 13),
+    ADD CONSTRAINT no_fourteen_from_queue CHECK (channel <> 'queue' OR abs(tier2_change) <> 14);
+INSERT INTO cm_remote.queue_server_investment_queue
+        (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
+SELECT 920 + i, 'P4', 1, CASE WHEN i % 7 = 0 THEN 13 WHEN i % 9 = 0 THEN 14 ELSE 2 END, 3,
+       format('e9200000-0000-4000-8000-%s', lpad(i::text, 12, '0')), 'PENDING', now(), now()
+  FROM generate_series(1, 40) i;
+SELECT is((SELECT format('created=%s dead_lettered=%s', created, dead_lettered) FROM cm_sync_now()),
+    'created=31 dead_lettered=9', 'of 40 rows, the 9 that two CHECKs refuse are dead-lettered, the 31 others apply');
+SELECT is((SELECT string_agg(queue_id::text, ',' ORDER BY queue_id) FROM cm.dead_letter
+            WHERE reason LIKE '%constraint "no_thirteen"%(SQLSTATE 23514, constraint no_thirteen of public.portfolio_transactions) DETAIL: Failing row contains%'),
+    '927,934,941,948,955', 'each row the first CHECK refuses, with its own failing row');
+SELECT is((SELECT string_agg(queue_id::text, ',' ORDER BY queue_id) FROM cm.dead_letter
+            WHERE reason LIKE '%constraint "no_fourteen_from_queue"%DETAIL: Failing row contains%'),
+    '929,938,947,956', 'each row the CHECK over the application''s column refuses');
+SELECT is((SELECT count(*)::int FROM portfolio_transactions WHERE id::text LIKE 'e9200000-%'), 31,
+    'and exactly the others are in portfolio_transactions');
+-- (and out of the way of what follows)
+DELETE FROM cm_remote.queue_server_investment_queue WHERE queue_id BETWEEN 921 AND 960;
+DELETE FROM cm.dead_letter WHERE queue_id BETWEEN 921 AND 960;
+DELETE FROM cm.ledger WHERE uuid::text LIKE 'e9200000-%';
+DELETE FROM portfolio_transactions WHERE id::text LIKE 'e9200000-%';
+ALTER TABLE portfolio_transactions DROP CONSTRAINT no_thirteen, DROP CONSTRAINT no_fourteen_from_queue,
+    DROP COLUMN channel;
 
 -- a domain and an exclusion constraint the cycle does not model
 CREATE DOMAIN cm_t_account AS varchar(10) CHECK (VALUE <> 'P5');
