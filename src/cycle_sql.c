@@ -255,6 +255,14 @@ cm_sql_stage_dead_letters(const char *foreign_table, const char *account_column,
 #define EVENT_PAYLOAD_ON \
 	"(SELECT current_setting('consistency_manager.event_payload')::boolean)"
 
+/*
+ * The kind of a request (INVEST or WITHDRAWAL) from a queue row's
+ * transaction_type (column t), NULL when it is neither.
+ */
+#define KIND_OF(t) \
+	"CASE upper(" t ") WHEN 'INVEST' THEN 'INVEST'" \
+	" WHEN 'WITHDRAW' THEN 'WITHDRAWAL' WHEN 'WITHDRAWAL' THEN 'WITHDRAWAL' END"
+
 /* A row of cm.batch as it was read from queue-db, for the journal (alias f). */
 #define QUEUE_ROW \
 	"ROW(f.queue_id, f.uuid_text, f.accountid, f.transaction_type, f.tier_1, f.tier_2," \
@@ -289,8 +297,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"  SELECT b.queue_id, b.uuid AS uuid_text, cm.try_uuid(b.uuid) AS id, b.accountid,"
 		"         b.transaction_type, b.tier_1, b.tier_2, b.tier_3, b.status,"
 		"         b.created_at, b.updated_at,"
-		"         CASE upper(b.transaction_type) WHEN 'INVEST' THEN 'INVEST'"
-		"              WHEN 'WITHDRAW' THEN 'WITHDRAWAL' WHEN 'WITHDRAWAL' THEN 'WITHDRAWAL' END AS kind,"
+		"         " KIND_OF("b.transaction_type") " AS kind,"
 		"         cm.round_to(b.tier_1, k.ts1) AS c1,"
 		"         cm.round_to(b.tier_2, k.ts2) AS c2,"
 		"         cm.round_to(b.tier_3, k.ts3) AS c3,"
@@ -986,9 +993,7 @@ cm_sql_check_suspects(const char *check_expr, const char *const *types)
 					 " FROM cm.stage s"
 					 " LEFT JOIN cm.status_map m ON m.queue_status = s.status"
 					 " CROSS JOIN LATERAL (SELECT v.kind, CASE v.kind WHEN 'INVEST' THEN 1 ELSE -1 END AS sgn"
-					 "                       FROM (SELECT CASE upper(s.transaction_type) WHEN 'INVEST' THEN 'INVEST'"
-					 "                                    WHEN 'WITHDRAW' THEN 'WITHDRAWAL' WHEN 'WITHDRAWAL' THEN 'WITHDRAWAL'"
-					 "                                    END AS kind) v) k"
+					 "                       FROM (SELECT " KIND_OF("s.transaction_type") " AS kind) v) k"
 					 " WHERE s.ctid = ANY ($1::tid[])) t"
 					 " WHERE (%s) IS FALSE",
 					 check_expr);
