@@ -1504,6 +1504,7 @@ typedef struct PassWork
 	CmCycleResult *result;
 	Datum		tids;			/* the staged rows of the set being tried (tid[]) */
 	int			isolated;		/* rows dead-lettered by isolation */
+	char	   *unhinted;		/* a CHECK check_suspects could not evaluate */
 } PassWork;
 
 /* apply_pass, first try: the whole pass, moved out of cm.stage. */
@@ -1649,6 +1650,13 @@ hint_error(const ErrorData *e)
 		category != ERRCODE_INTERNAL_ERROR;
 }
 
+/* qsort/bsearch order of ItemPointerData */
+static int
+tid_cmp(const void *a, const void *b)
+{
+	return ItemPointerCompare((ItemPointer) a, (ItemPointer) b);
+}
+
 /* check_suspects' statement and what it finds, run by try_step. */
 typedef struct SuspectWork
 {
@@ -1687,10 +1695,12 @@ find_suspects(void *arg)
  *		cycle writes it, that constraint refuses, evaluated for all of them
  *		in one statement.  Returns how many, or 0 when the error is not such
  *		a CHECK or the constraint cannot be evaluated over the columns the
- *		cycle writes.  Only a hint: each suspect is then tried alone.
+ *		cycle writes (remembered in pw, so that the descent by sets does not
+ *		try it again at every level).  Only a hint: each suspect is then
+ *		tried alone.
  */
 static int
-check_suspects(ItemPointerData *tids, int n, const ErrorData *e, bool *suspect)
+check_suspects(PassWork *pw, ItemPointerData *tids, int n, const ErrorData *e, bool *suspect)
 {
 	Oid			transactions;
 	Oid			argtypes[2] = {OIDOID, TEXTOID};
@@ -1706,6 +1716,9 @@ check_suspects(ItemPointerData *tids, int n, const ErrorData *e, bool *suspect)
 
 	if (e->sqlerrcode != ERRCODE_CHECK_VIOLATION || e->constraint_name == NULL ||
 		e->table_name == NULL)
+		return 0;
+	/* one that could not be evaluated is not tried again at every level */
+	if (pw->unhinted != NULL && strcmp(pw->unhinted, e->constraint_name) == 0)
 		return 0;
 	transactions = cm_target_relid("portfolio_transactions", true);
 	if (!OidIsValid(transactions) || strcmp(get_rel_name(transactions), e->table_name) != 0)
@@ -1750,17 +1763,18 @@ check_suspects(ItemPointerData *tids, int n, const ErrorData *e, bool *suspect)
 		{
 			elog(DEBUG1, "consistency_manager: no hint from constraint %s: %s",
 				 e->constraint_name, failure->message);
+			pw->unhinted = pstrdup(e->constraint_name);
 			return 0;
 		}
 	}
-	for (i = 0; i < w.nfound; i++)
-		for (j = 0; j < n; j++)
-			if (!suspect[j] && ItemPointerEquals(&w.found[i], &tids[j]))
-			{
-				suspect[j] = true;
-				count++;
-				break;
-			}
+	/* the rows found, by binary search in their sorted tids */
+	qsort(w.found, w.nfound, sizeof(ItemPointerData), tid_cmp);
+	for (j = 0; j < n; j++)
+		if (bsearch(&tids[j], w.found, w.nfound, sizeof(ItemPointerData), tid_cmp) != NULL)
+		{
+			suspect[j] = true;
+			count++;
+		}
 	elog(DEBUG1, "consistency_manager: constraint %s refuses %d of %d rows", e->constraint_name, count, n);
 	return count;
 }
@@ -1795,7 +1809,7 @@ isolate_rows(PassWork *w, ItemPointerData *tids, int n, ErrorData *e)
 	if (n > 2)
 	{
 		bool	   *suspect = palloc0(sizeof(bool) * n);
-		int			k = check_suspects(tids, n, e, suspect);
+		int			k = check_suspects(w, tids, n, e, suspect);
 
 		if (k > 0 && k < n)
 		{
