@@ -317,6 +317,30 @@ def main():
                    ratio >= 0.9)
         md.append("")
 
+    # 14. a large backlog caught up by the worker
+    if "backlog.catchup" in by:
+        res["backlog"] = []
+        md.append("| backlog caught up by the worker | rows | time | rows/s | cycles that read rows | longest cycle |")
+        md.append("|---|---:|---:|---:|---:|---:|")
+        for b in by["backlog.catchup"]:
+            ms = b["samples"][0]
+            e = b["extra"]
+            res["backlog"].append({"rows": b["rows"], "ms": ms, "cycles": e["cycles"], "longest_cycle_ms": e["longest_cycle_ms"],
+                                   "progress": e["progress"]})
+            md.append(f"| {size_label(b['size'])} in bounded cycles (max_rows_per_cycle default) | {b['rows']:,} | "
+                      f"{ms / 1000:,.0f} s | {b['rows'] / (ms / 1000):,.0f} | {e['cycles']:,} | {e['longest_cycle_ms'] / 1000:,.1f} s |")
+        md.append("")
+        md.append("Progress as sampled during the catch-up (rows committed, rows behind as cm_sources() shows them):")
+        md.append("")
+        for b in by["backlog.catchup"]:
+            pts = b["extra"]["progress"]
+            step = max(1, len(pts) // 12)
+            md.append("| seconds | committed | behind | cycles |")
+            md.append("|---:|---:|---:|---:|")
+            for p in pts[::step] + ([pts[-1]] if (len(pts) - 1) % step else []):
+                md.append(f"| {p['t']:,.0f} | {p['committed']:,} | {format(p['behind'], ',') if p['behind'] >= 0 else 'not counted yet'} | {p['cycles']:,} |")
+        md.append("")
+
     # 10. sustained load
     if "sustained.lag" in by:
         res["sustained"] = []

@@ -38,6 +38,9 @@
 #      the plain full compare (FULL JOIN over the foreign tables).
 #  13. the event journal: a 100k catch-up with consistency_manager.events on
 #      and off, alternating, and idle cycles with it on.
+#  14. a large backlog (10M rows with BENCH_FULL; only with BENCH_FULL or
+#      BENCH_ONLY=backlog, 1M then, 50k quick) caught up by the worker alone in
+#      bounded cycles, its progress sampled as an operator sees it.
 # Prints a table, and writes bench/results/latest.json and latest.md.
 #
 #   bash bench/run.sh                  default run (about 20 minutes on 2 cores)
@@ -45,7 +48,7 @@
 #   BENCH_QUICK=1 bash bench/run.sh    small sizes, a smoke test (about 2 min)
 #   BENCH_ONLY=beside ...              only phase 7 (beside the application);
 #                                      also after, poison, sustained,
-#                                      bounded, reconcile, events (phases 8-13), or several:
+#                                      bounded, reconcile, events, backlog (phases 8-14), or several:
 #                                      BENCH_ONLY=after,poison
 #   CM_SKIP_BUILD=1 ...                use the installed build
 #   CM_KEEP=1 ...                      keep the cluster directory afterwards
@@ -76,6 +79,7 @@ if [ -n "${BENCH_QUICK:-}" ]; then
     SUSTAIN_SECS=10; SUSTAIN_RATES="200 500 max"
     BOUNDED_SIZE=20000; BOUNDED_RUNS=2; BOUNDED_LIMIT=5000
     RECON_SIZES="20000"; RECON_RUNS=2
+    BACKLOG_SIZE=50000; BACKLOG_SAMPLE=2
     EVENTS_RUNS=2
 elif [ -n "${BENCH_FULL:-}" ]; then
     MODE=full
@@ -98,11 +102,13 @@ if [ "$MODE" != quick ]; then
     BOUNDED_SIZE=1000000; BOUNDED_RUNS=2; BOUNDED_LIMIT=100000
     RECON_SIZES="1000000"; RECON_RUNS=3
     [ "$MODE" = full ] && RECON_SIZES="1000000 10000000"
+    BACKLOG_SIZE=1000000; BACKLOG_SAMPLE=10
+    [ "$MODE" = full ] && BACKLOG_SIZE=10000000
     EVENTS_RUNS=${BENCH_EVENTS_RUNS:-3}
 fi
 ONLY=${BENCH_ONLY:-}
 for p in ${ONLY//,/ }; do
-    case $p in beside|after|poison|sustained|bounded|reconcile|events) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, bounded, reconcile, events)" >&2; exit 1 ;; esac
+    case $p in beside|after|poison|sustained|bounded|reconcile|events|backlog) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, bounded, reconcile, events, backlog)" >&2; exit 1 ;; esac
 done
 only() { [[ ",$ONLY," == *",$1,"* ]]; }
 # a run of some phases writes beside the full run's results, not over them
@@ -831,6 +837,60 @@ events_phase() {
     say "  idle cycles with the journal on: ${idl[*]} ms"
 }
 
+# ---------------------------------------------------------------- 14. a large backlog, by the worker
+# The worker alone catches up a queue of BACKLOG_SIZE rows (10M in the full
+# run) in bounded cycles of max_rows_per_cycle (its default, 100k), starting
+# each next cycle at once while a source is behind.  Every BACKLOG_SAMPLE
+# seconds the phase prints and records what an operator sees: cm_progress()
+# (the running cycle's step, rows read, rate) and the rows behind every
+# source, the rows committed so far, and the longest cycle yet.  At the end
+# every queue row must be in portfolio_transactions exactly once, with no
+# dead letter.
+backlog_phase() {
+    local size=$1 n t0 now done_rows behind longest cycles line samples=() last=-1 stalled=0
+    say "backlog: $size rows caught up by the worker in bounded cycles (max_rows_per_cycle default), a sample every $BACKLOG_SAMPLE s"
+    [ "$(queue_rows)" -ge "$size" ] || grow_queue "$size"
+    n=$(queue_rows)
+    reset_portfolio
+    pf -c "ALTER SYSTEM RESET consistency_manager.max_rows_per_cycle" -c "SELECT pg_reload_conf()" >/dev/null
+    local c0
+    c0=$(val portfolio -c "SELECT coalesce(max(cycle_id), 0) FROM cm.cycle_history")
+    t0=$(date +%s.%N)
+    pf -c "ALTER SYSTEM SET consistency_manager.enabled = on" \
+       -c "ALTER SYSTEM SET consistency_manager.polling_interval = '1s'" -c "SELECT pg_reload_conf()" -c "SELECT cm_wake()" >/dev/null
+    while :; do
+        sleep "$BACKLOG_SAMPLE"
+        now=$(date +%s.%N)
+        line=$(val portfolio -F ' ' -c "SELECT (SELECT count(*) FROM portfolio_transactions),
+                   coalesce((SELECT sum(rows_behind) FROM cm_sources()), -1),
+                   (SELECT count(*) FROM cm.cycle_history WHERE cycle_id > $c0),
+                   coalesce((SELECT round(max(duration_ms)) FROM cm.cycle_history WHERE cycle_id > $c0), 0),
+                   coalesce((SELECT round(rows_per_second) FROM cm_progress()), 0),
+                   (SELECT coalesce(replace(phase, ' ', '_'), '-') FROM cm_progress())")
+        set -- $line
+        done_rows=$1 behind=$2 cycles=$3 longest=$4
+        say "  $(printf '%6.0f' "$(echo "$now - $t0" | bc)") s: $done_rows of $n rows committed, $behind behind, $cycles cycles (longest ${longest} ms), running at $5 rows/s: $6"
+        samples+=("{\"t\":$(echo "$now - $t0" | bc),\"committed\":$done_rows,\"behind\":$behind,\"cycles\":$cycles,\"longest_ms\":$longest}")
+        [ "$done_rows" -ge "$n" ] && [ "$(val portfolio -c "SELECT running FROM cm_progress()")" = f ] && break
+        if [ "$done_rows" = "$last" ]; then stalled=$((stalled + 1)); else stalled=0; fi
+        last=$done_rows
+        [ "$stalled" -lt 30 ] || { echo "backlog: no progress for 30 samples at $done_rows of $n rows" >&2; exit 1; }
+    done
+    local secs
+    secs=$(echo "$(date +%s.%N) - $t0" | bc)
+    worker_off
+    pf -c "ALTER SYSTEM SET consistency_manager.max_rows_per_cycle = 0" -c "SELECT pg_reload_conf()" >/dev/null
+    set -- $(val portfolio -F ' ' -c "SELECT (SELECT count(*) FROM portfolio_transactions), (SELECT count(DISTINCT id) FROM portfolio_transactions),
+                                             (SELECT count(*) FROM cm.dead_letter),
+                                             (SELECT count(*) FROM cm.cycle_history WHERE cycle_id > $c0 AND rows_read > 0),
+                                             (SELECT round(max(duration_ms)) FROM cm.cycle_history WHERE cycle_id > $c0),
+                                             (SELECT count(*) FROM cm.cycle_history WHERE cycle_id > $c0 AND error IS NOT NULL)")
+    [ "$1" = "$n" ] && [ "$2" = "$n" ] && [ "$3" = 0 ] && [ "$6" = 0 ] ||
+        { echo "backlog: $1 rows ($2 distinct) of $n synced, $3 dead letters, $6 failed cycles" >&2; exit 1; }
+    say "  caught up: $n rows in $secs s ($(echo "$n / $secs" | bc) rows/s), $4 cycles that read rows, the longest $5 ms"
+    record backlog.catchup "$size" "$n" "{\"cycles\":$4,\"longest_cycle_ms\":$5,\"progress\":[$(IFS=,; echo "${samples[*]}")]}" "$(echo "$secs * 1000" | bc)"
+}
+
 # ---------------------------------------------------------------- the run
 if [ -n "$ONLY" ]; then
     # in the order of the full run
@@ -841,6 +901,7 @@ if [ -n "$ONLY" ]; then
     only bounded && bounded_phase "$BOUNDED_SIZE"
     if only reconcile; then for s in $RECON_SIZES; do reconcile_phase "$s"; done; fi
     only events && events_phase "$NEW_SIZE"
+    only backlog && backlog_phase "$BACKLOG_SIZE"
 else
 set -- $CATCHUP_RUNS
 runs_small=$1 runs_big=$2
@@ -860,6 +921,7 @@ for s in $INCR_SIZES; do
     incremental "$s"
 done
 for s in $RECON_SIZES; do reconcile_phase "$s"; done
+[ "$MODE" = full ] && backlog_phase "$BACKLOG_SIZE"
 # last: it adds rows to the queue at whatever rate the writer reaches
 sustained_phase "$NEW_SIZE"
 fi
