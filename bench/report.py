@@ -327,7 +327,7 @@ def main():
             e = b["extra"]
             res["backlog"].append({"rows": b["rows"], "ms": ms, "cycles": e["cycles"], "longest_cycle_ms": e["longest_cycle_ms"],
                                    "progress": e["progress"]})
-            md.append(f"| {size_label(b['size'])} in bounded cycles (max_rows_per_cycle default) | {b['rows']:,} | "
+            md.append(f"| {size_label(b['size'])} in bounded cycles of max_rows_per_cycle = {e.get('max_rows_per_cycle', 0):,} | {b['rows']:,} | "
                       f"{ms / 1000:,.0f} s | {b['rows'] / (ms / 1000):,.0f} | {e['cycles']:,} | {e['longest_cycle_ms'] / 1000:,.1f} s |")
         md.append("")
         md.append("Progress as sampled during the catch-up (rows committed, rows behind as cm_sources() shows them):")

@@ -79,7 +79,7 @@ if [ -n "${BENCH_QUICK:-}" ]; then
     SUSTAIN_SECS=10; SUSTAIN_RATES="200 500 max"
     BOUNDED_SIZE=20000; BOUNDED_RUNS=2; BOUNDED_LIMIT=5000
     RECON_SIZES="20000"; RECON_RUNS=2
-    BACKLOG_SIZE=50000; BACKLOG_SAMPLE=2
+    BACKLOG_SIZE=50000; BACKLOG_SAMPLE=2; BACKLOG_LIMIT=5000
     EVENTS_RUNS=2
 elif [ -n "${BENCH_FULL:-}" ]; then
     MODE=full
@@ -848,11 +848,14 @@ events_phase() {
 # dead letter.
 backlog_phase() {
     local size=$1 n t0 now done_rows behind longest cycles line samples=() last=-1 stalled=0
-    say "backlog: $size rows caught up by the worker in bounded cycles (max_rows_per_cycle default), a sample every $BACKLOG_SAMPLE s"
+    say "backlog: $size rows caught up by the worker in bounded cycles (max_rows_per_cycle ${BACKLOG_LIMIT:-default}), a sample every $BACKLOG_SAMPLE s"
     [ "$(queue_rows)" -ge "$size" ] || grow_queue "$size"
     n=$(queue_rows)
     reset_portfolio
-    pf -c "ALTER SYSTEM RESET consistency_manager.max_rows_per_cycle" -c "SELECT pg_reload_conf()" >/dev/null
+    # the cluster's postgresql.conf sets max_rows_per_cycle = 0 for the other phases: its default here
+    local limit
+    limit=${BACKLOG_LIMIT:-$(val portfolio -c "SELECT boot_val FROM pg_settings WHERE name = 'consistency_manager.max_rows_per_cycle'")}
+    pf -c "ALTER SYSTEM SET consistency_manager.max_rows_per_cycle = $limit" -c "SELECT pg_reload_conf()" >/dev/null
     local c0
     c0=$(val portfolio -c "SELECT coalesce(max(cycle_id), 0) FROM cm.cycle_history")
     t0=$(date +%s.%N)
@@ -879,7 +882,7 @@ backlog_phase() {
     local secs
     secs=$(echo "$(date +%s.%N) - $t0" | bc)
     worker_off
-    pf -c "ALTER SYSTEM SET consistency_manager.max_rows_per_cycle = 0" -c "SELECT pg_reload_conf()" >/dev/null
+    pf -c "ALTER SYSTEM RESET consistency_manager.max_rows_per_cycle" -c "SELECT pg_reload_conf()" >/dev/null
     set -- $(val portfolio -F ' ' -c "SELECT (SELECT count(*) FROM portfolio_transactions), (SELECT count(DISTINCT id) FROM portfolio_transactions),
                                              (SELECT count(*) FROM cm.dead_letter),
                                              (SELECT count(*) FROM cm.cycle_history WHERE cycle_id > $c0 AND rows_read > 0),
@@ -888,7 +891,7 @@ backlog_phase() {
     [ "$1" = "$n" ] && [ "$2" = "$n" ] && [ "$3" = 0 ] && [ "$6" = 0 ] ||
         { echo "backlog: $1 rows ($2 distinct) of $n synced, $3 dead letters, $6 failed cycles" >&2; exit 1; }
     say "  caught up: $n rows in $secs s ($(echo "$n / $secs" | bc) rows/s), $4 cycles that read rows, the longest $5 ms"
-    record backlog.catchup "$size" "$n" "{\"cycles\":$4,\"longest_cycle_ms\":$5,\"progress\":[$(IFS=,; echo "${samples[*]}")]}" "$(echo "$secs * 1000" | bc)"
+    record backlog.catchup "$size" "$n" "{\"max_rows_per_cycle\":$limit,\"cycles\":$4,\"longest_cycle_ms\":$5,\"progress\":[$(IFS=,; echo "${samples[*]}")]}" "$(echo "$secs * 1000" | bc)"
 }
 
 # ---------------------------------------------------------------- the run
