@@ -341,6 +341,18 @@ def main():
                 md.append(f"| {p['t']:,.0f} | {p['committed']:,} | {format(p['behind'], ',') if p['behind'] >= 0 else 'not counted yet'} | {p['cycles']:,} |")
         md.append("")
 
+    # 15. the journal under retention
+    if "retention.journal" in by:
+        for r in by["retention.journal"]:
+            e = r["extra"]
+            res["retention"] = e
+            md.append(f"| journal under retention ({e['rate']} tx/s for {e['seconds']} s, event_retention = {e['retention']}) | events written | events held | cm.journal | cm.journal_account | vacuums of cm.journal |")
+            md.append("|---:|---:|---:|---:|---:|---:|")
+            for p in e["samples"]:
+                md.append(f"| {p['t']:,.0f} s | {p['written']:,} | {p['held']:,} | {p['journal_bytes'] / 1048576:,.1f} MB | "
+                          f"{p['journal_account_bytes'] / 1048576:,.2f} MB | {p['vacuums']} |")
+            md.append("")
+
     # 10. sustained load
     if "sustained.lag" in by:
         res["sustained"] = []

@@ -41,6 +41,8 @@
 #  14. a large backlog (10M rows with BENCH_FULL; only with BENCH_FULL or
 #      BENCH_ONLY=backlog, 1M then, 50k quick) caught up by the worker alone in
 #      bounded cycles, its progress sampled as an operator sees it.
+#  15. the journal under retention (only with BENCH_ONLY=retention): a writer
+#      for 5 minutes (1 quick), event_retention 30 s, the journal's size sampled.
 # Prints a table, and writes bench/results/latest.json and latest.md.
 #
 #   bash bench/run.sh                  default run (about 20 minutes on 2 cores)
@@ -48,7 +50,7 @@
 #   BENCH_QUICK=1 bash bench/run.sh    small sizes, a smoke test (about 2 min)
 #   BENCH_ONLY=beside ...              only phase 7 (beside the application);
 #                                      also after, poison, sustained,
-#                                      bounded, reconcile, events, backlog (phases 8-14), or several:
+#                                      bounded, reconcile, events, backlog, retention (phases 8-15), or several:
 #                                      BENCH_ONLY=after,poison
 #   CM_SKIP_BUILD=1 ...                use the installed build
 #   CM_KEEP=1 ...                      keep the cluster directory afterwards
@@ -80,6 +82,7 @@ if [ -n "${BENCH_QUICK:-}" ]; then
     BOUNDED_SIZE=20000; BOUNDED_RUNS=2; BOUNDED_LIMIT=5000
     RECON_SIZES="20000"; RECON_RUNS=2
     BACKLOG_SIZE=50000; BACKLOG_SAMPLE=2; BACKLOG_LIMIT=5000
+    RET_RATE=100; RET_SECS=60; RET_KEEP=10s; RET_SAMPLE=10
     EVENTS_RUNS=2
 elif [ -n "${BENCH_FULL:-}" ]; then
     MODE=full
@@ -103,12 +106,13 @@ if [ "$MODE" != quick ]; then
     RECON_SIZES="1000000"; RECON_RUNS=3
     [ "$MODE" = full ] && RECON_SIZES="1000000 10000000"
     BACKLOG_SIZE=1000000; BACKLOG_SAMPLE=10
+    RET_RATE=200; RET_SECS=300; RET_KEEP=30s; RET_SAMPLE=20
     [ "$MODE" = full ] && BACKLOG_SIZE=10000000
     EVENTS_RUNS=${BENCH_EVENTS_RUNS:-3}
 fi
 ONLY=${BENCH_ONLY:-}
 for p in ${ONLY//,/ }; do
-    case $p in beside|after|poison|sustained|bounded|reconcile|events|backlog) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, bounded, reconcile, events, backlog)" >&2; exit 1 ;; esac
+    case $p in beside|after|poison|sustained|bounded|reconcile|events|backlog|retention) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, bounded, reconcile, events, backlog, retention)" >&2; exit 1 ;; esac
 done
 only() { [[ ",$ONLY," == *",$1,"* ]]; }
 # a run of some phases writes beside the full run's results, not over them
@@ -894,6 +898,71 @@ backlog_phase() {
     record backlog.catchup "$size" "$n" "{\"max_rows_per_cycle\":$limit,\"cycles\":$4,\"longest_cycle_ms\":$5,\"progress\":[$(IFS=,; echo "${samples[*]}")]}" "$(echo "$secs * 1000" | bc)"
 }
 
+# ---------------------------------------------------------------- 15. the journal under retention
+# A writer committing small transactions (the sustained phase's) at
+# RET_RATE transactions/s for RET_SECS seconds, the worker polling every
+# second with consistency_manager.event_retention = RET_KEEP and one consumer
+# that acknowledges everything every 5 s.  Every RET_SAMPLE seconds: the
+# events written so far, those cm.journal holds, and the size of cm.journal
+# and cm.journal_account (tables and indexes).  Retention removes, in each
+# cycle that writes events, up to 10,000 acknowledged events older than
+# event_retention; autovacuum makes their space reusable, so the size should
+# level off at about what RET_KEEP of events takes while the events written
+# keep growing.
+retention_phase() {
+    local size=$1 base t0 now line samples=() i
+    say "journal retention: a writer at $RET_RATE tx/s for $RET_SECS s, event_retention = $RET_KEEP, a sample every $RET_SAMPLE s"
+    if [ "$(queue_rows)" -lt "$size" ]; then
+        grow_queue "$size"
+        reset_portfolio
+    fi
+    sync_once >/dev/null
+    base=$(val queue -c "SELECT max(queue_id) FROM investment_queue")
+    cat > "$WORK/writer.sql" <<'SQL'
+\set a random(1, :accounts)
+\set old random(1, :base)
+BEGIN;
+INSERT INTO investment_queue (account_number, tier_1, tier_2, tier_3, uuid, status, processed_at)
+SELECT 'A' || lpad((1 + (:a + g) % :accounts)::text, 9, '0'), 10 + g, 20, 30, gen_random_uuid()::text,
+       CASE WHEN g < 4 THEN 'COMPLETED' ELSE 'PROCESSING' END, now()
+  FROM generate_series(1, 4) g;
+UPDATE investment_queue SET status = CASE status WHEN 'COMPLETED' THEN 'FAILED' ELSE 'COMPLETED' END, processed_at = now()
+ WHERE queue_id = :old AND status IN ('COMPLETED', 'FAILED');
+END;
+SQL
+    pf -c "ALTER SYSTEM SET consistency_manager.event_retention = '$RET_KEEP'" -c "SELECT pg_reload_conf()" \
+       -c "SELECT cm_consumer_drop('bench_ret') FROM cm.consumer WHERE name = 'bench_ret'" \
+       -c "SELECT cm_consumer_create('bench_ret')" >/dev/null
+    local e0
+    e0=$(val portfolio -c "SELECT coalesce(max(event_id), 0) FROM cm.journal")
+    worker_on
+    pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -c 2 -j 1 -R "$RET_RATE" -T "$RET_SECS" \
+        -D accounts="$ACCOUNTS" -D base="$base" -f "$WORK/writer.sql" queue > "$WORK/retention.out" 2>&1 &
+    local writer=$!
+    t0=$(date +%s.%N)
+    i=0
+    while kill -0 "$writer" 2>/dev/null; do
+        sleep 5
+        i=$((i + 5))
+        val portfolio -c "SELECT cm_events_ack('bench_ret', max(event_id)) FROM cm.journal HAVING max(event_id) > (SELECT acked_id FROM cm.consumer WHERE name = 'bench_ret')" >/dev/null
+        [ $((i % RET_SAMPLE)) = 0 ] || continue
+        now=$(date +%s.%N)
+        line=$(val portfolio -F ' ' -c "SELECT coalesce(max(event_id), 0) - $e0, count(*),
+                   pg_total_relation_size('cm.journal'), pg_total_relation_size('cm.journal_account'),
+                   (SELECT count(*) FROM cm.journal_account),
+                   coalesce((SELECT autovacuum_count + vacuum_count FROM pg_stat_all_tables WHERE relid = 'cm.journal'::regclass), 0)
+              FROM cm.journal")
+        set -- $line
+        samples+=("{\"t\":$(echo "$now - $t0" | bc),\"written\":$1,\"held\":$2,\"journal_bytes\":$3,\"journal_account_bytes\":$4,\"journal_account_rows\":$5,\"vacuums\":$6}")
+        say "  $(printf '%4d' "$i") s: $1 events written, $2 held; cm.journal $(( $3 / 1024 )) kB, cm.journal_account $(( $4 / 1024 )) kB ($5 rows); vacuumed $6 times"
+    done
+    wait "$writer" || { cat "$WORK/retention.out" >&2; exit 1; }
+    worker_off
+    pf -c "ALTER SYSTEM RESET consistency_manager.event_retention" -c "SELECT pg_reload_conf()" \
+       -c "SELECT cm_consumer_drop('bench_ret')" >/dev/null
+    record retention.journal 0 0 "{\"rate\":$RET_RATE,\"seconds\":$RET_SECS,\"retention\":\"$RET_KEEP\",\"samples\":[$(IFS=,; echo "${samples[*]}")]}" 0
+}
+
 # ---------------------------------------------------------------- the run
 if [ -n "$ONLY" ]; then
     # in the order of the full run
@@ -905,6 +974,7 @@ if [ -n "$ONLY" ]; then
     if only reconcile; then for s in $RECON_SIZES; do reconcile_phase "$s"; done; fi
     only events && events_phase "$NEW_SIZE"
     only backlog && backlog_phase "$BACKLOG_SIZE"
+    only retention && retention_phase "$NEW_SIZE"
 else
 set -- $CATCHUP_RUNS
 runs_small=$1 runs_big=$2

@@ -88,7 +88,7 @@ extern char *cm_sql_stage_unplaceable(const char *foreign_table, const char *acc
 									  const char *type_expr);
 extern char *cm_sql_process(const char *portfolios, const char *transactions,
 							Oid portfolios_oid, Oid transactions_oid);
-extern char *cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset);
+extern char *cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset, bool payload);
 extern char *cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid);
 extern const char *cm_sql_move_stage;
 extern const char *cm_sql_clear_stage;

@@ -183,6 +183,16 @@ static int	max_stage_plans = 0;
 static SPIPlanPtr process_plan = NULL;
 
 static SPIPlanPtr accounts_plan = NULL;
+static SPIPlanPtr accounts_payload_plan = NULL;
+
+/*
+ * The running cycle's key in the journal (cm.journal.cycle): the last
+ * event_id before the cycle, read under the cycle lock.  journal_cycle_on
+ * is false when the cycle writes no event (consistency_manager.events off,
+ * or nothing staged).
+ */
+static int64 journal_cycle = 0;
+static bool journal_cycle_on = false;
 static SPIPlanPtr lock_plan = NULL;
 static SPIPlanPtr move_plan = NULL;
 static SPIPlanPtr clear_stage_plan = NULL;
@@ -391,7 +401,8 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 {
 	Oid			portfolios = cm_target_relid("user_portfolios", false);
 	Oid			transactions = cm_target_relid("portfolio_transactions", false);
-	Oid			argtypes[5] = {INT4OID, NUMERICARRAYOID, TEXTARRAYOID, TEXTARRAYOID, BOOLARRAYOID};
+	Oid			argtypes[6] = {INT4OID, NUMERICARRAYOID, TEXTARRAYOID, TEXTARRAYOID, BOOLARRAYOID, INT8OID};
+	Oid			cyclearg[1] = {INT8OID};
 	char	   *portfolios_name;
 	char	   *transactions_name;
 
@@ -403,11 +414,13 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 			SPI_freeplan(process_plan);
 		if (accounts_plan != NULL)
 			SPI_freeplan(accounts_plan);
+		if (accounts_payload_plan != NULL)
+			SPI_freeplan(accounts_payload_plan);
 		if (lock_plan != NULL)
 			SPI_freeplan(lock_plan);
 		if (accounts_subset_plan != NULL)
 			SPI_freeplan(accounts_subset_plan);
-		process_plan = accounts_plan = lock_plan = accounts_subset_plan = NULL;
+		process_plan = accounts_plan = accounts_payload_plan = lock_plan = accounts_subset_plan = NULL;
 
 		portfolios_name = quote_qualified_identifier(get_namespace_name(get_rel_namespace(portfolios)),
 													 get_rel_name(portfolios));
@@ -415,24 +428,29 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 													   get_rel_name(transactions));
 		process_plan = prepare_kept(cm_sql_process(portfolios_name, transactions_name,
 												   portfolios, transactions),
-									5, argtypes, CURSOR_OPT_CUSTOM_PLAN);
+									6, argtypes, CURSOR_OPT_CUSTOM_PLAN);
 		accounts_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
 														   get_attnum(portfolios, "updated_at") != InvalidAttrNumber,
-														   false),
-									 0, NULL, 0);
+														   false, false),
+									 1, cyclearg, 0);
+		accounts_payload_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
+																   get_attnum(portfolios, "updated_at") != InvalidAttrNumber,
+																   false, true),
+											 0, NULL, 0);
 		{
 			Oid			subsetarg[1] = {TEXTARRAYOID};
 
 			accounts_subset_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
 																	  get_attnum(portfolios, "updated_at") != InvalidAttrNumber,
-																	  true),
+																	  true, false),
 												1, subsetarg, 0);
 		}
 		lock_plan = prepare_kept(cm_sql_lock_accounts(portfolios_name, portfolios), 0, NULL, 0);
 		process_plan_targets[0] = portfolios;
 		process_plan_targets[1] = transactions;
 	}
-	*accounts = accounts_plan;
+	/* with event_payload on, the effects are journalled by the account step */
+	*accounts = cm_event_payload ? accounts_payload_plan : accounts_plan;
 	*lock = lock_plan;
 	return process_plan;
 }
@@ -695,7 +713,8 @@ attach_probes(Source *sources, int nsources)
 static void
 process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult *result)
 {
-	Datum		values[5];
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
 	HeapTuple	tup;
 	TupleDesc	desc;
 	bool		isnull;
@@ -708,8 +727,11 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	values[2] = makeArrayResult(poison->accounts, CurrentMemoryContext);
 	values[3] = makeArrayResult(poison->reasons, CurrentMemoryContext);
 	values[4] = makeArrayResult(poison->debits, CurrentMemoryContext);
+	values[5] = Int64GetDatum(journal_cycle);
+	if (!journal_cycle_on)
+		nulls[5] = 'n';
 	set_step("consistency_manager: applying changes");
-	run_plan(get_process_plan(&accounts, &lock), values, NULL, SPI_OK_SELECT);
+	run_plan(get_process_plan(&accounts, &lock), values, nulls, SPI_OK_SELECT);
 
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -1953,6 +1975,12 @@ write_accounts(void *arg)
 	/* the whole write is an INSERT into the journal around the UPDATE */
 	if (w->plan == accounts_subset_plan)
 		run_plan(w->plan, &w->accounts, NULL, SPI_OK_UPDATE);
+	else if (w->plan == accounts_plan)
+	{
+		Datum		cycle = Int64GetDatum(journal_cycle);
+
+		run_plan(w->plan, &cycle, journal_cycle_on ? NULL : "n", SPI_OK_INSERT);
+	}
 	else
 		run_plan(w->plan, NULL, NULL, SPI_OK_INSERT);
 }
@@ -2204,15 +2232,17 @@ apply_with_retry(Source *sources, int nsources, Datum deltas, CmCycleResult *res
  *		The last event_id of the journal, read under the cycle lock before
  *		the cycle writes any event: every event the cycle writes is after
  *		it (see schema/1.1/46_events.sql for why ids follow commit order).
+ *		*cycle is set to the cycle's key (cm_sql_journal_end).
  */
 static int64
-journal_end(void)
+journal_end(int64 *cycle)
 {
 	bool		isnull;
 	int64		end;
 
 	run_plan(journal_end_plan, NULL, NULL, SPI_OK_SELECT);
 	end = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	*cycle = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	return end;
 }
@@ -2359,9 +2389,11 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	if (nsources > 0 && i == nsources)
 		ReThrowError(sources[0].error);
 
-	if (staged > 0 && cm_events)
-		journal_since = journal_end();
+	journal_cycle_on = staged > 0 && cm_events;
+	if (journal_cycle_on)
+		journal_since = journal_end(&journal_cycle);
 	apply_with_retry(sources, nsources, deltas, result);
+	journal_cycle_on = false;
 	if (staged > 0 && cm_events)
 		journal_announce(journal_since);
 	new_failure = report_source_failures(sources, nsources,

@@ -440,7 +440,8 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"                       cm.product(1 / c.l_f3) FILTER (WHERE c.kind = 'WITHDRAWAL' AND c.effect = 'compensate' AND c.eff_pol = 'market_delta')) AS wd3,"
 		"         coalesce(sum(CASE c.effect WHEN 'apply' THEN c.sgn * c.c1 ELSE -c.l_a1 END) FILTER (WHERE c.eff_pol = 'amount'), 0) AS ad1,"
 		"         coalesce(sum(CASE c.effect WHEN 'apply' THEN c.sgn * c.c2 ELSE -c.l_a2 END) FILTER (WHERE c.eff_pol = 'amount'), 0) AS ad2,"
-		"         coalesce(sum(CASE c.effect WHEN 'apply' THEN c.sgn * c.c3 ELSE -c.l_a3 END) FILTER (WHERE c.eff_pol = 'amount'), 0) AS ad3"
+		"         coalesce(sum(CASE c.effect WHEN 'apply' THEN c.sgn * c.c3 ELSE -c.l_a3 END) FILTER (WHERE c.eff_pol = 'amount'), 0) AS ad3,"
+		"         count(*)::integer AS effects"
 		"    FROM (SELECT c.*, CASE c.kind WHEN 'INVEST' THEN 1 ELSE -1 END AS sgn FROM c) c"
 		"   WHERE c.act AND c.reason IS NULL AND c.effect IS NOT NULL AND c.eff_pol <> 'none'"
 		"   GROUP BY c.accountid"
@@ -506,9 +507,9 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"),"
 		" pa AS ("
 		"  INSERT INTO cm.batch_account (accountid, iv1, iv2, iv3, wd1, wd2, wd3, ad1, ad2, ad3,"
-		"                                vs1, vs2, vs3, as1, as2, as3)"
+		"                                vs1, vs2, vs3, as1, as2, as3, effects)"
 		"  SELECT a.accountid, a.iv1, a.iv2, a.iv3, a.wd1, a.wd2, a.wd3, a.ad1, a.ad2, a.ad3,"
-		"         k.vs1, k.vs2, k.vs3, k.as1, k.as2, k.as3"
+		"         k.vs1, k.vs2, k.vs3, k.as1, k.as2, k.as3, a.effects"
 		"    FROM a CROSS JOIN cols k"
 		"),"
 		" li AS ("
@@ -539,29 +540,45 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"   WHERE l.uuid = f.id AND f.act AND f.why IS NULL AND f.change = 'changed'"
 		"),"
 		/*
-		 * The journal (when consistency_manager.events is on): one event
-		 * per transaction created or changed and per new dead letter, in
-		 * queue order; the effects wait in cm.batch_effect for the account
-		 * step, which knows the accounts' values before and after.
+		 * The journal ($6, the cycle's key, is NULL when
+		 * consistency_manager.events is off): one event per transaction
+		 * created or changed and per new dead letter, each followed by its
+		 * effect when it applied or compensated one, in the order the batch
+		 * holds them (the order they were read in; no sort).  The
+		 * account's values before and after an effect are written once per
+		 * account by the account step (cm.journal_account).  With
+		 * event_payload on, the effects wait in cm.batch_effect instead,
+		 * for the account step to write each with its values and payload.
 		 */
 		" ev AS ("
 		"  INSERT INTO cm.journal (source_id, uuid, accountid, event_type, queue_row, portfolio_status,"
-		"                          previous_status, adopted, reason, payload)"
-		"  SELECT $1, q.id, q.accountid, q.event_type, q.queue_row, q.portfolio_status, q.l_status,"
-		"         q.adopted, q.why,"
-		"         CASE WHEN " EVENT_PAYLOAD_ON " THEN"
-		"              to_jsonb(ROW(q.queue_row, q.portfolio_status, q.l_status, q.adopted,"
-		"                           q.why)::cm.event_change) END"
-		"    FROM (SELECT f.queue_id, f.id, f.accountid, " QUEUE_ROW " AS queue_row,"
-		"                 f.portfolio_status, f.l_status, f.adopted, f.why,"
-		"                 CASE WHEN f.why IS NOT NULL THEN 'dead_lettered'"
-		"                      WHEN f.change = 'new' THEN 'transaction_created'"
-		"                      WHEN f.status IS DISTINCT FROM f.l_status THEN 'status_changed'"
-		"                      ELSE 'transaction_updated' END AS event_type"
-		"            FROM f"
-		"           WHERE ((f.act AND f.why IS NULL) OR (f.why IS NOT NULL AND f.fresh))"
-		"             AND current_setting('consistency_manager.events')::boolean"
-		"           ORDER BY f.queue_id) q"
+		"                          previous_status, adopted, reason, policy, kind, factors, amounts,"
+		"                          cycle, payload)"
+		"  SELECT $1, f.id, f.accountid,"
+		"         CASE WHEN v.k = 1 THEN CASE f.effect WHEN 'apply' THEN 'effect_applied' ELSE 'effect_compensated' END"
+		"              WHEN f.why IS NOT NULL THEN 'dead_lettered'"
+		"              WHEN f.change = 'new' THEN 'transaction_created'"
+		"              WHEN f.status IS DISTINCT FROM f.l_status THEN 'status_changed'"
+		"              ELSE 'transaction_updated' END,"
+		"         " QUEUE_ROW ","
+		"         CASE WHEN v.k = 0 THEN f.portfolio_status END, CASE WHEN v.k = 0 THEN f.l_status END,"
+		"         CASE WHEN v.k = 0 THEN f.adopted END, CASE WHEN v.k = 0 THEN f.why END,"
+		"         CASE WHEN v.k = 1 THEN f.eff_pol END, CASE WHEN v.k = 1 THEN f.kind END,"
+		"         CASE WHEN v.k = 0 THEN NULL WHEN f.effect = 'apply' THEN f.factors"
+		"              WHEN f.eff_pol = 'market_delta' THEN ARRAY[1 / f.l_f1, 1 / f.l_f2, 1 / f.l_f3] END,"
+		"         CASE WHEN v.k = 0 THEN NULL WHEN f.effect = 'apply' THEN f.amounts"
+		"              WHEN f.eff_pol = 'amount' THEN ARRAY[-f.l_a1, -f.l_a2, -f.l_a3] END,"
+		"         $6,"
+		"         CASE WHEN v.k = 0 AND " EVENT_PAYLOAD_ON " THEN"
+		"              to_jsonb(ROW(" QUEUE_ROW ", f.portfolio_status, f.l_status, f.adopted,"
+		"                           f.why)::cm.event_change) END"
+		"    FROM f CROSS JOIN LATERAL (VALUES (0), (1)) v(k)"
+		"   WHERE $6::bigint IS NOT NULL"
+		"     AND CASE v.k"
+		"          WHEN 0 THEN (f.act AND f.why IS NULL) OR (f.why IS NOT NULL AND f.fresh)"
+		"          ELSE f.act AND f.why IS NULL AND f.effect IS NOT NULL AND f.eff_pol <> 'none'"
+		"               AND NOT " EVENT_PAYLOAD_ON
+		"         END"
 		"),"
 		" be AS ("
 		"  INSERT INTO cm.batch_effect (source_id, queue_id, uuid, accountid, event_type, queue_row,"
@@ -576,7 +593,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"                      WHEN f.eff_pol = 'amount' THEN ARRAY[-f.l_a1, -f.l_a2, -f.l_a3] END AS amounts"
 		"            FROM f"
 		"           WHERE f.act AND f.why IS NULL AND f.effect IS NOT NULL AND f.eff_pol <> 'none'"
-		"             AND current_setting('consistency_manager.events')::boolean"
+		"             AND $6::bigint IS NOT NULL AND " EVENT_PAYLOAD_ON
 		"           ORDER BY f.queue_id) q"
 		")"
 		" SELECT count(*) AS rows_read,"
@@ -605,7 +622,8 @@ cm_sql_process(const char *portfolios, const char *transactions,
 	"       coalesce(sum(f.ad1), 0) AS ad1, coalesce(sum(f.ad2), 0) AS ad2,\n" \
 	"       coalesce(sum(f.ad3), 0) AS ad3,\n" \
 	"       max(f.vs1) AS vs1, max(f.vs2) AS vs2, max(f.vs3) AS vs3,\n" \
-	"       max(f.as1) AS as1, max(f.as2) AS as2, max(f.as3) AS as3\n" \
+	"       max(f.as1) AS as1, max(f.as2) AS as2, max(f.as3) AS as3,\n" \
+	"       coalesce(sum(f.effects), 0)::integer AS effects\n" \
 	"  FROM cm.batch_account f\n" \
 	" GROUP BY f.accountid"
 
@@ -730,7 +748,7 @@ cm_sql_lock_accounts(const char *portfolios, Oid portfolios_oid)
  * slower than the whole insert on a 100k-row catch-up).
  */
 char *
-cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
+cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset, bool payload)
 {
 	const char *set_list =
 		"   SET tier1_value = cm.round_to(cm.round_to(p.tier1_value * n.iv1, n.vs1) + n.ad1, n.vs1),\n"
@@ -756,8 +774,39 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset)
 			" AND p.accountid = ANY ($1::text[])", set_list);
 
 	/*
-	 * The whole write, with its journal: one event per effect in
-	 * cm.batch_effect, with the account's values before (b: read in the
+	 * The whole write, with the account's values before and after for the
+	 * journal: one row of cm.journal_account per account the update
+	 * combined effects on, under the cycle's key $1 (NULL: the journal is
+	 * off, and nothing is written), which the effects the processing
+	 * statement journalled carry.  The values before are read in the same
+	 * snapshot as the UPDATE, so before it, and under the lock the account
+	 * step took; those after are what the UPDATE wrote, triggers included.
+	 */
+	if (!payload)
+		return psprintf(
+			"WITH n AS MATERIALIZED (\n"
+			ACCOUNT_FACTORS "\n"
+			"),\n"
+			"b AS MATERIALIZED (\n"
+			"  SELECT p.accountid, " PORTFOLIO_VALUES " AS v\n"
+			"    FROM n JOIN %1$s p ON p.accountid = n.accountid\n"
+			"   WHERE $1::bigint IS NOT NULL\n"
+			"),\n"
+			"u AS (\n"
+			"  UPDATE %1$s p\n"
+			"%3$s%2$s\n"
+			"    FROM n\n"
+			"   WHERE p.accountid = n.accountid\n"
+			"  RETURNING p.accountid, " PORTFOLIO_VALUES " AS v\n"
+			")\n"
+			"INSERT INTO cm.journal_account (cycle, accountid, before, after, effects)\n"
+			"SELECT $1, u.accountid, b.v, u.v, n.effects\n"
+			"  FROM u JOIN b ON b.accountid = u.accountid JOIN n ON n.accountid = u.accountid",
+			portfolios, set_updated_at ? ",\n       updated_at = now()" : "", set_list);
+
+	/*
+	 * With consistency_manager.event_payload on, the whole write with its
+	 * journal: one event per effect in cm.batch_effect, with the account's values before (b: read in the
 	 * same snapshot as the UPDATE, so before it, and under the lock the
 	 * account step took) and after (RETURNING: what the UPDATE wrote,
 	 * triggers included).  Several effects on one account in a cycle are
@@ -1033,9 +1082,15 @@ const char *cm_sql_dead_letter_staged =
 	"   WHERE f.fresh AND current_setting('consistency_manager.events')::boolean)\n"
 	"SELECT d.fresh FROM d";
 
-/* The last event_id of the journal (0 when empty). */
+/*
+ * The last event_id of the journal (0 when empty), and the cycle's key
+ * (cm.journal.cycle): that event_id, or one past the newest key of
+ * cm.journal_account when that is not smaller, so that a key is never used
+ * twice, even after the journal was emptied by hand.
+ */
 const char *cm_sql_journal_end =
-	"SELECT coalesce(max(event_id), 0)::bigint FROM cm.journal";
+	"SELECT e.last, greatest(e.last, coalesce((SELECT max(x.cycle) FROM cm.journal_account x), -1) + 1)\n"
+	"  FROM (SELECT coalesce(max(event_id), 0)::bigint AS last FROM cm.journal) e";
 
 /*
  * After a cycle's writes: one NOTIFY for the events after $1, if any, and
@@ -1049,7 +1104,8 @@ const char *cm_sql_journal_end =
  * the retention window.  (Rotating partitions would free space without
  * vacuum, but the journal is an extension table that pg_dump must dump and
  * Debezium must read as one table.)  An event after some consumer's offset
- * is never removed.
+ * is never removed.  The rows of cm.journal_account go with the last event
+ * of their cycle.
  */
 const char *cm_sql_journal_announce =
 	"WITH gone AS (\n"
@@ -1059,7 +1115,17 @@ const char *cm_sql_journal_announce =
 	"                           AND o.event_id <= $1\n"
 	"                           AND o.occurred_at < now() - make_interval(secs => $2)\n"
 	"                         ORDER BY o.event_id LIMIT 10000)\n"
-	"  RETURNING 1)\n"
+	"  RETURNING e.event_id),\n"
+	/*
+	 * The account values of the cycles older than the oldest event left
+	 * (the cycle key grows with event_id): no effect left needs them.
+	 */
+	" gone_accounts AS (\n"
+	"  DELETE FROM cm.journal_account x\n"
+	"   WHERE EXISTS (SELECT 1 FROM gone)\n"
+	"     AND x.cycle < coalesce((SELECT j.cycle FROM cm.journal j\n"
+	"                              WHERE j.cycle IS NOT NULL AND j.event_id NOT IN (SELECT g.event_id FROM gone g)\n"
+	"                              ORDER BY j.event_id LIMIT 1), 9223372036854775807))\n"
 	"SELECT pg_catalog.pg_notify('consistency_manager',\n"
 	"                            json_build_object('first_event_id', m.lo, 'last_event_id', m.hi)::text),\n"
 	"       (SELECT count(*) FROM gone)\n"

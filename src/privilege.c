@@ -98,9 +98,10 @@ typedef struct CmPrivilege
  * CONFLICT DO UPDATE, DELETE) and cm.batch_account, records in
  * cm.discarded the dead letters whose queue row was deleted (INSERT ... ON
  * CONFLICT DO UPDATE), empties the scratch tables with DELETE or TRUNCATE, and
- * appends to (and prunes) cm.cycle_history.  It journals its effects
- * through cm.batch_effect into cm.journal, and prunes cm.journal up to the
- * offsets of cm.consumer.  The identity columns of cm.cycle_history,
+ * appends to (and prunes) cm.cycle_history.  It journals its events in
+ * cm.journal and the account values around its effects in
+ * cm.journal_account (with event_payload on, the effects through
+ * cm.batch_effect), and prunes both up to the offsets of cm.consumer.  The identity columns of cm.cycle_history,
  * cm.batch_effect and cm.journal need no privilege on their sequences.
  */
 static const struct
@@ -121,6 +122,7 @@ static const struct
 	{"discarded", ACL_SELECT | ACL_INSERT | ACL_UPDATE},
 	{"batch_effect", ACL_SELECT | ACL_INSERT | ACL_DELETE | ACL_TRUNCATE},
 	{"journal", ACL_SELECT | ACL_INSERT | ACL_DELETE},
+	{"journal_account", ACL_SELECT | ACL_INSERT | ACL_DELETE},
 	{"consumer", ACL_SELECT},
 };
 

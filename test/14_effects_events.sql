@@ -9,7 +9,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(79);
+SELECT plan(85);
 
 \ir lib/helpers.sql
 
@@ -93,7 +93,7 @@ SELECT is(pg_temp.sync(),
     'sources=2 rows_read=4 created=3 updated=0 completed_applied=3 compensated=0 dead_lettered=0',
     'three completions under amount');
 SELECT is(pg_temp.new_events(),
-    'transaction_created:A2,transaction_created:A3,transaction_created:A3,effect_applied:A2,effect_applied:A3,effect_applied:A3',
+    'transaction_created:A2,effect_applied:A2,transaction_created:A3,effect_applied:A3,transaction_created:A3,effect_applied:A3',
     'one event per transaction and per effect');
 SELECT is(pg_temp.account('A2'), 'allocation 1100.00+2200.00+3300.00=6600.00 value 1100.00+2200.00+3300.00=6600.00',
     'amount: an investment adds its amounts to allocations and values');
@@ -122,7 +122,7 @@ SELECT is(pg_temp.account('A1'), 'allocation 1000.00+2000.00+3000.00=6000.00 val
     'the market_delta completion is divided back out, whatever the policy is now');
 SELECT is(pg_temp.account('A2'), 'allocation 1000.00+2000.00+3000.00=6000.00 value 1000.00+2000.00+3000.00=6000.00',
     'the amount completion is subtracted back, whatever the policy is now');
-SELECT is(pg_temp.new_events(), 'status_changed:A1,status_changed:A2,effect_compensated:A1,effect_compensated:A2',
+SELECT is(pg_temp.new_events(), 'status_changed:A1,effect_compensated:A1,status_changed:A2,effect_compensated:A2',
     'compensations are journalled');
 SELECT results_eq(
     $$SELECT p->>'policy', p->'amounts', p->'before'->>'tier1_value', p->'after'->>'tier1_value'
@@ -175,7 +175,7 @@ SELECT is((SELECT reason FROM cm.dead_letter WHERE source_id = :wd AND queue_id 
     'tier 1 would fall below zero (value -39.00, allocation -39.00): account A4 holds less than the amount taken from it',
     'the dead letter says why');
 SELECT is(pg_temp.new_events(),
-    'transaction_created:A4,dead_lettered:A4,transaction_created:A3,effect_applied:A3,effect_applied:A4',
+    'transaction_created:A4,effect_applied:A4,dead_lettered:A4,transaction_created:A3,effect_applied:A3',
     'the dead letter is journalled; no effect for it');
 SELECT is(pg_temp.tx('e0000000-0000-4000-8000-000000000101'), NULL, 'the dead-lettered withdrawal is not mirrored');
 SELECT is(pg_temp.sync(),
@@ -241,7 +241,7 @@ SELECT results_eq($$SELECT id, aggregatetype, aggregateid, type FROM cm.event_ou
 -- 9. retention ------------------------------------------------------------------------
 -- every event so far is made 30 days old (event_retention is 7 days); 'audit'
 -- has acknowledged the first three, 'live' everything so far
-UPDATE cm.event SET occurred_at = occurred_at - interval '30 days';
+UPDATE cm.journal SET occurred_at = occurred_at - interval '30 days';
 CREATE TEMP TABLE before_prune AS SELECT event_id FROM cm.event;
 SELECT alike((SELECT detail FROM cm_health()), '%consumer ''audit'' is % events behind, the oldest from %',
     'cm_health names a consumer whose unacknowledged events are older than event_retention');
@@ -259,6 +259,37 @@ SELECT is_empty($$SELECT b.event_id FROM before_prune b
     'an event a consumer has not acknowledged is never removed, however old');
 SELECT unalike((SELECT detail FROM cm_health()), '%consumer ''live''%',
     'a consumer that keeps up is not named');
+SELECT is_empty($$SELECT j.event_id FROM cm.journal j
+                   WHERE j.event_type IN ('effect_applied', 'effect_compensated')
+                     AND NOT EXISTS (SELECT 1 FROM cm.journal_account x WHERE x.cycle = j.cycle AND x.accountid = j.accountid)$$,
+    'every effect left keeps the account values of its cycle');
+SELECT is_empty($$SELECT x.cycle FROM cm.journal_account x
+                   WHERE x.cycle < (SELECT j.cycle FROM cm.journal j WHERE j.cycle IS NOT NULL ORDER BY j.event_id LIMIT 1)$$,
+    'the account values of a cycle go with its last event');
+
+-- 9b. the account values around an effect are stored once per account and cycle ----------
+SELECT is((SELECT count(*)::int FROM cm.journal j
+            WHERE j.event_type IN ('effect_applied', 'effect_compensated') AND (j.before IS NOT NULL OR j.after IS NOT NULL)), 0,
+    'an effect stores no account values of its own (event_payload off)');
+SELECT is((SELECT count(*)::int FROM cm.journal_account),
+          (SELECT count(DISTINCT (j.cycle, j.accountid))::int FROM cm.journal j
+            WHERE j.event_type IN ('effect_applied', 'effect_compensated')),
+    'one row of cm.journal_account per account and cycle with effects');
+-- the journal emptied by hand: the next cycle's key is still new
+TRUNCATE cm.journal;
+INSERT INTO cm_remote.queue_server_investment_queue
+        (queue_id, account_number, tier_1, tier_2, tier_3, uuid, status, created_at, updated_at)
+VALUES (10, 'A3', 1, 1, 1, 'e0000000-0000-4000-8000-000000000010', 'COMPLETED', now(), now());
+SELECT is(pg_temp.sync(),
+    'sources=2 rows_read=11 created=1 updated=0 completed_applied=1 compensated=0 dead_lettered=0',
+    'a cycle after the journal was emptied by hand journals its effect');
+SELECT results_eq(
+    $$SELECT e.event_type, e.payload->'before'->>'tier1_value', e.payload->'after'->>'tier1_value'
+        FROM cm.event e ORDER BY e.event_id$$,
+    $$SELECT * FROM (VALUES ('transaction_created', NULL, NULL),
+                            ('effect_applied', (SELECT (tier1_value - 1)::text FROM user_portfolios WHERE accountid = 'A3'),
+                                               (SELECT tier1_value::text FROM user_portfolios WHERE accountid = 'A3'))) v$$,
+    'its effect has the account''s values before and after, not those of an older cycle');
 
 -- 10. errors of cm_set_effect_policy -----------------------------------------------------
 SELECT throws_ok($$SELECT cm_set_effect_policy(1, 'double')$$, '22023', 'unknown effect policy ''double''',

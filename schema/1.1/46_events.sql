@@ -32,6 +32,16 @@
  * With consistency_manager.event_payload on, the cycle also stores the
  * payload in cm.journal.payload, for Debezium's outbox event router, which
  * reads the table itself from the WAL (see the README).
+ *
+ * An effect's account values before and after are the same for every
+ * effect the cycle's one update of that account combined, so they are
+ * stored once per account and cycle, in cm.journal_account, which the
+ * effects reach by (cycle, accountid).  The effects are then written by the
+ * processing statement itself, with the other events of their rows and in
+ * the same queue order, before the accounts are updated.  With
+ * event_payload on, a stored payload must hold the values before and after,
+ * so the effects are written after the accounts, each with its values
+ * (before, after, effects_in_cycle), as one row per effect.
  */
 CREATE TABLE cm.journal (
     event_id    bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
@@ -54,7 +64,8 @@ CREATE TABLE cm.journal (
     before      numeric[],
     after       numeric[],
     effects_in_cycle integer,
-    payload     jsonb
+    payload     jsonb,
+    cycle       bigint
 );
 -- an account's effects (cm_account_history, cm_verify_accounts); the other
 -- events stay out of it, which halves the index's cost to the cycle
@@ -76,39 +87,67 @@ COMMENT ON COLUMN cm.journal.amounts IS 'effect (amount): the amounts added to t
 COMMENT ON COLUMN cm.journal.before IS 'effect: the account''s tier1..3_value, total_value, tier1..3_allocation, total_allocation before the cycle''s update of the account';
 COMMENT ON COLUMN cm.journal.after IS 'effect: the same values after the cycle''s update of the account';
 COMMENT ON COLUMN cm.journal.effects_in_cycle IS 'effect: how many effects the cycle''s one update of the account combined';
+COMMENT ON COLUMN cm.journal.cycle IS 'the cycle that wrote the event, as the last event_id before it (shared by the events of one cycle); an effect without its own before and after finds them in cm.journal_account by (cycle, accountid)';
 COMMENT ON COLUMN cm.journal.payload IS 'the event''s jsonb payload, stored only with consistency_manager.event_payload on (for Debezium''s outbox event router); otherwise NULL, and cm.event builds it when read';
 REVOKE ALL ON cm.journal FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('cm.journal', '');
 SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('cm.journal', 'event_id')::pg_catalog.regclass, '');
+
+CREATE TABLE cm.journal_account (
+    cycle     bigint NOT NULL,
+    accountid text NOT NULL,
+    before    numeric[],
+    after     numeric[],
+    effects   integer NOT NULL,
+    PRIMARY KEY (cycle, accountid)
+);
+COMMENT ON TABLE cm.journal_account IS 'the account values around each update of an account by the sync cycle: one row per cycle and account it changed, shared by the effects of cm.journal the update combined; removed with the last of them';
+COMMENT ON COLUMN cm.journal_account.cycle IS 'the cycle (cm.journal.cycle)';
+COMMENT ON COLUMN cm.journal_account.before IS 'tier1..3_value, total_value, tier1..3_allocation, total_allocation before the cycle''s update of the account';
+COMMENT ON COLUMN cm.journal_account.after IS 'the same values after the update (what it wrote, triggers included)';
+COMMENT ON COLUMN cm.journal_account.effects IS 'how many effects the update combined';
+REVOKE ALL ON cm.journal_account FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('cm.journal_account', '');
+
+-- per account, how many effects of the running cycle it combines
+ALTER TABLE cm.batch_account ADD COLUMN effects integer;
+COMMENT ON COLUMN cm.batch_account.effects IS 'how many effects (completions applied or compensated) these factors and amounts combine';
 
 /*
  * An event's jsonb payload from its typed columns: the queue row, and for
  * effects the policy, the factors or amounts, the account's values before
  * and after and effects_in_cycle.
  */
-CREATE FUNCTION cm.event_payload(j cm.journal)
+CREATE FUNCTION cm.event_payload(j cm.journal, x cm.journal_account DEFAULT NULL)
     RETURNS jsonb
     LANGUAGE sql STABLE PARALLEL SAFE
     AS $$
         SELECT CASE WHEN j.event_type IN ('effect_applied', 'effect_compensated') THEN
                     to_jsonb(ROW(j.queue_row, j.policy, j.kind, j.factors, j.amounts)::cm.event_effect)
                     || jsonb_build_object(
-                        'before', to_jsonb(ROW(j.before[1], j.before[2], j.before[3], j.before[4], j.before[5],
-                                               j.before[6], j.before[7], j.before[8])::cm.event_account),
-                        'after', to_jsonb(ROW(j.after[1], j.after[2], j.after[3], j.after[4], j.after[5],
-                                              j.after[6], j.after[7], j.after[8])::cm.event_account),
-                        'effects_in_cycle', j.effects_in_cycle)
+                        'before', to_jsonb(ROW((coalesce(j.before, x.before))[1], (coalesce(j.before, x.before))[2],
+                                               (coalesce(j.before, x.before))[3], (coalesce(j.before, x.before))[4],
+                                               (coalesce(j.before, x.before))[5], (coalesce(j.before, x.before))[6],
+                                               (coalesce(j.before, x.before))[7], (coalesce(j.before, x.before))[8])::cm.event_account),
+                        'after', to_jsonb(ROW((coalesce(j.after, x.after))[1], (coalesce(j.after, x.after))[2],
+                                              (coalesce(j.after, x.after))[3], (coalesce(j.after, x.after))[4],
+                                              (coalesce(j.after, x.after))[5], (coalesce(j.after, x.after))[6],
+                                              (coalesce(j.after, x.after))[7], (coalesce(j.after, x.after))[8])::cm.event_account),
+                        'effects_in_cycle', coalesce(j.effects_in_cycle, x.effects))
                ELSE to_jsonb(ROW(j.queue_row, j.portfolio_status, j.previous_status, j.adopted,
                                  j.reason)::cm.event_change)
                END
     $$;
-COMMENT ON FUNCTION cm.event_payload(cm.journal) IS 'the jsonb payload of an event of the journal, built from its typed columns';
-REVOKE ALL ON FUNCTION cm.event_payload(cm.journal) FROM PUBLIC;
+COMMENT ON FUNCTION cm.event_payload(cm.journal, cm.journal_account) IS 'the jsonb payload of an event of the journal, built from its typed columns, and for an effect without its own before and after from the row of cm.journal_account of its cycle and account';
+REVOKE ALL ON FUNCTION cm.event_payload(cm.journal, cm.journal_account) FROM PUBLIC;
 
 CREATE VIEW cm.event AS
     SELECT j.event_id, j.occurred_at, j.source_id, j.uuid, j.accountid, j.event_type,
-           coalesce(j.payload, cm.event_payload(j)) AS payload
-      FROM cm.journal j;
+           coalesce(j.payload, cm.event_payload(j, x)) AS payload
+      FROM cm.journal j
+      LEFT JOIN cm.journal_account x
+             ON j.after IS NULL AND j.event_type IN ('effect_applied', 'effect_compensated')
+            AND x.cycle = j.cycle AND x.accountid = j.accountid;
 COMMENT ON VIEW cm.event IS 'the journal of the sync cycle (outbox), one row per event, with its payload as jsonb (built when read from the typed columns of cm.journal); event_id increases in commit order';
 COMMENT ON COLUMN cm.event.payload IS 'the queue row, and for effects the policy, the factors or amounts, and the account''s tier values and allocations before and after the cycle''s update of the account';
 REVOKE ALL ON cm.event FROM PUBLIC;
@@ -292,12 +331,15 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE format($q$
         WITH last AS (
-            SELECT DISTINCT ON (e.accountid) e.accountid, e.event_id, e.after
+            SELECT DISTINCT ON (e.accountid) e.accountid, e.event_id, e.after, e.cycle
               FROM cm.journal e
              WHERE e.event_type IN ('effect_applied', 'effect_compensated')
              ORDER BY e.accountid, e.event_id DESC)
         SELECT l.accountid, l.event_id, v.col, l.after[v.i], v.actual
-          FROM last l
+          FROM (SELECT l.accountid, l.event_id,
+                       coalesce(l.after, (SELECT x.after FROM cm.journal_account x
+                                           WHERE x.cycle = l.cycle AND x.accountid = l.accountid)) AS after
+                  FROM last l) l
           LEFT JOIN %s p ON p.accountid = l.accountid
          CROSS JOIN LATERAL (VALUES
                 (1, 'tier1_value', p.tier1_value::numeric), (2, 'tier2_value', p.tier2_value::numeric),
