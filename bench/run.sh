@@ -22,7 +22,8 @@
 #   8. after a catch-up: the cycle right after a 100k catch-up (generated
 #      rows, and rows inserted in one queue-db transaction, so sharing one
 #      updated_at) against an idle cycle, in a session that has run cycles
-#      before, as the worker's has: rows read and time;
+#      before, as the worker's has, back to back and paced by the worker's
+#      1 s polling: rows read and time;
 #   9. poison rows: a 100k catch-up with 1 and with 100 rows that a CHECK of
 #      portfolio_transactions refuses, against the same catch-up clean; the
 #      dead letters are checked after every run;
@@ -76,7 +77,7 @@ if [ -n "${BENCH_QUICK:-}" ]; then
     LAT_N=10
     MEM_FIRST=100; MEM_IDLE=500; MEM_BUSY=500; MEM_BUDGET=60
     BESIDE_SIZE=40000
-    NEW_SIZE=20000; AFTER_RUNS=3; AFTER_IDLE=10; AFTER_WARM=8
+    NEW_SIZE=20000; AFTER_RUNS=3; AFTER_IDLE=10; AFTER_WARM=8; AFTER_PAUSE=1
     POISON_RUNS=2; POISON_COUNTS="1 100"
     SUSTAIN_SECS=10; SUSTAIN_RATES="200 500 max"
     BOUNDED_SIZE=20000; BOUNDED_RUNS=2; BOUNDED_LIMIT=5000
@@ -99,7 +100,7 @@ if [ "$MODE" != quick ]; then
     LAT_N=50
     MEM_FIRST=100; MEM_IDLE=10000; MEM_BUSY=10000; MEM_BUDGET=${BENCH_MEM_BUDGET:-240}
     BESIDE_SIZE=200000
-    NEW_SIZE=100000; AFTER_RUNS=5; AFTER_IDLE=20; AFTER_WARM=8
+    NEW_SIZE=100000; AFTER_RUNS=5; AFTER_IDLE=20; AFTER_WARM=8; AFTER_PAUSE=1
     POISON_RUNS=3; POISON_COUNTS="1 100"
     SUSTAIN_SECS=${BENCH_SUSTAIN_SECS:-45}; SUSTAIN_RATES=${BENCH_SUSTAIN_RATES:-"200 500 max"}
     BOUNDED_SIZE=1000000; BOUNDED_RUNS=2; BOUNDED_LIMIT=100000
@@ -487,10 +488,19 @@ SQL
 # nothing to read), and without them the cycle after the catch-up, the
 # session's second, would be measured against idle cycles that are its
 # eighth and later.
-# cycles_in_session N [WARM] -> one line per cycle: "rows_read changed server_ms client_ms"
-# (WARM cycles first, then the portfolio emptied; neither is reported)
+#
+# Each workload runs twice: back to back (each cycle right after the one
+# before), and paced as the worker runs them, AFTER_PAUSE seconds (its
+# polling interval, 1 s) of sleep before each cycle, the catch-up's next one
+# included.  Back to back, every idle cycle finds the CPU caches warm from
+# the one before, while the cycle after the catch-up finds them full of the
+# catch-up's data; paced, every cycle starts after a pause, as it does in
+# the worker.
+# cycles_in_session N [WARM [PAUSE]] -> one line per cycle: "rows_read changed server_ms client_ms"
+# (WARM cycles first, then the portfolio emptied; neither is reported; with
+# PAUSE, that many seconds of sleep before each reported cycle)
 cycles_in_session() {
-    local n=$1 warm=${2:-0} i cmds=(-c '\timing on') out
+    local n=$1 warm=${2:-0} pause=${3:-0} i cmds=(-c '\timing on') out
     if [ "$warm" -gt 0 ]; then
         for i in $(seq 1 "$warm"); do
             cmds+=(-c "SELECT 1 FROM cm_sync_now(keep_connections => true)")
@@ -499,6 +509,7 @@ cycles_in_session() {
         cmds+=(-c '\timing off' -c "SELECT 'warm'" -c '\timing on')
     fi
     for i in $(seq 1 "$n"); do
+        [ "$pause" != 0 ] && cmds+=(-c '\timing off' -c '\o /dev/null' -c "SELECT pg_sleep($pause)" -c '\o' -c '\timing on')
         cmds+=(-c "SELECT rows_read, created + updated + dead_lettered, duration_ms FROM cm_sync_now(keep_connections => true)")
     done
     out=$("${PSQL[@]}" -d portfolio -At "${cmds[@]}")
@@ -517,8 +528,8 @@ requeue_one_transaction() {   # requeue_one_transaction now|saved
       -c "COMMIT" -c "VACUUM ANALYZE investment_queue, withdrawal_queue"
 }
 after_phase() {
-    local size=$1 n variant r line
-    say "after a catch-up: $size rows, $AFTER_RUNS runs per workload, $AFTER_IDLE idle cycles each"
+    local size=$1 n variant r line pause
+    say "after a catch-up: $size rows, $AFTER_RUNS runs per workload and pace, $AFTER_IDLE idle cycles each"
     [ "$(queue_rows)" -ge "$size" ] || grow_queue "$size"
     n=$(queue_rows)
     q -c "SET client_min_messages = warning" \
@@ -530,9 +541,10 @@ after_phase() {
         [ "$variant" = generated ] && requeue_one_transaction saved
         local stamps
         stamps=$(val queue -c "SELECT count(DISTINCT updated_at) FROM (SELECT updated_at FROM investment_queue UNION ALL SELECT updated_at FROM withdrawal_queue) u")
+        for pause in 0 "$AFTER_PAUSE"; do
         local cu=() af=() afs=() afr=() idl=() ids=() idr=()
         for r in $(seq 1 "$AFTER_RUNS"); do
-            mapfile -t lines < <(cycles_in_session $((AFTER_IDLE + 2)) "$AFTER_WARM")
+            mapfile -t lines < <(cycles_in_session $((AFTER_IDLE + 2)) "$AFTER_WARM" "$pause")
             set -- ${lines[0]}
             [ "$1" = "$n" ] && [ "$2" = "$n" ] || { echo "after ($variant): catch-up read $1, changed $2 of $n rows" >&2; exit 1; }
             cu+=("$4")
@@ -542,11 +554,12 @@ after_phase() {
                 set -- $line
                 idr+=("$1"); ids+=("$3"); idl+=("$4")
             done
-            say "  $variant run $r: catch-up ${cu[-1]} ms; next cycle read ${afr[-1]} rows in ${af[-1]} ms (server ${afs[-1]} ms); idle median $(printf '%s\n' "${idl[@]: -$AFTER_IDLE}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') ms"
+            say "  $variant, ${pause} s before each cycle, run $r: catch-up ${cu[-1]} ms; next cycle read ${afr[-1]} rows in ${af[-1]} ms (server ${afs[-1]} ms); idle median $(printf '%s\n' "${idl[@]: -$AFTER_IDLE}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') ms"
         done
-        record after.catchup "$size" "$n" "{\"variant\":\"$variant\",\"updated_at_values\":$stamps}" "${cu[@]}"
-        record after.next_cycle "$size" "$n" "{\"variant\":\"$variant\",\"rows_read\":[$(IFS=,; echo "${afr[*]}")],\"server_ms\":[$(IFS=,; echo "${afs[*]}")]}" "${af[@]}"
-        record after.idle_cycle "$size" "$n" "{\"variant\":\"$variant\",\"rows_read\":[$(IFS=,; echo "${idr[*]}")],\"server_ms\":[$(IFS=,; echo "${ids[*]}")]}" "${idl[@]}"
+        record after.catchup "$size" "$n" "{\"variant\":\"$variant\",\"pause\":$pause,\"updated_at_values\":$stamps}" "${cu[@]}"
+        record after.next_cycle "$size" "$n" "{\"variant\":\"$variant\",\"pause\":$pause,\"rows_read\":[$(IFS=,; echo "${afr[*]}")],\"server_ms\":[$(IFS=,; echo "${afs[*]}")]}" "${af[@]}"
+        record after.idle_cycle "$size" "$n" "{\"variant\":\"$variant\",\"pause\":$pause,\"rows_read\":[$(IFS=,; echo "${idr[*]}")],\"server_ms\":[$(IFS=,; echo "${ids[*]}")]}" "${idl[@]}"
+        done
     done
     q -c "DROP TABLE bench_saved_investment, bench_saved_withdrawal"
 }

@@ -87,7 +87,7 @@ COMMENT ON COLUMN cm.journal.amounts IS 'effect (amount): the amounts added to t
 COMMENT ON COLUMN cm.journal.before IS 'effect: the account''s tier1..3_value, total_value, tier1..3_allocation, total_allocation before the cycle''s update of the account';
 COMMENT ON COLUMN cm.journal.after IS 'effect: the same values after the cycle''s update of the account';
 COMMENT ON COLUMN cm.journal.effects_in_cycle IS 'effect: how many effects the cycle''s one update of the account combined';
-COMMENT ON COLUMN cm.journal.cycle IS 'the cycle that wrote the event, as the last event_id before it (shared by the events of one cycle); an effect without its own before and after finds them in cm.journal_account by (cycle, accountid)';
+COMMENT ON COLUMN cm.journal.cycle IS 'the cycle that wrote the event, a key shared by the events of one cycle: the last event_id before it, or one past the newest key of cm.journal_account when that is larger (a key is never used twice); an effect without its own before and after finds them in cm.journal_account by (cycle, accountid)';
 COMMENT ON COLUMN cm.journal.payload IS 'the event''s jsonb payload, stored only with consistency_manager.event_payload on (for Debezium''s outbox event router); otherwise NULL, and cm.event builds it when read';
 REVOKE ALL ON cm.journal FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('cm.journal', '');
