@@ -385,6 +385,35 @@ prepare_fixed_plans(void)
 }
 
 /*
+ * revalidate_stage_plans
+ *		After a TRUNCATE of the scratch tables: bring the kept statements
+ *		that read queue-db pages into cm.stage up to date now (their
+ *		analysis, the relation entries of cm.stage and its indexes), in the
+ *		cycle that truncated, rather than in the next one, which is most
+ *		often an idle cycle of a few milliseconds.  Each is planned once
+ *		without parameters (a generic plan that is kept but never run: they
+ *		are planned for each page's values).
+ */
+static void
+revalidate_stage_plans(void)
+{
+	int			i;
+
+	/* take in the invalidations of the TRUNCATE */
+	CommandCounterIncrement();
+	for (i = 0; i < n_stage_plans; i++)
+	{
+		CachedPlan *cplan;
+
+		if (stage_plans[i].plan == NULL)
+			continue;
+		cplan = SPI_plan_get_cached_plan(stage_plans[i].plan);
+		if (cplan != NULL)
+			ReleaseCachedPlan(cplan, CurrentResourceOwner);
+	}
+}
+
+/*
  * get_process_plan
  *		The processing statement for the current target tables.
  *
@@ -2419,6 +2448,7 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 		{
 			run_plan(clear_stage_plan, NULL, NULL, SPI_OK_UTILITY);
 			scratch_garbage = 0;
+			revalidate_stage_plans();
 		}
 		else
 		{
