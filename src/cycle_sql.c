@@ -1097,9 +1097,12 @@ const char *cm_sql_journal_end =
  * the removal of at most 10,000 events older than $2 seconds that every
  * consumer has acknowledged (all of them when there is no consumer).
  *
- * The removal is a batch DELETE at the head of the journal: the oldest
- * event_ids, found through the primary key, so each cycle removes a bounded
- * number of rows at about the rate it adds them, and the pages it frees are
+ * The removal is a batch DELETE at the head of the journal: of the 10,000
+ * oldest event_ids, found through the primary key, those old enough, and
+ * nothing when the oldest event is not (one index probe: events are written
+ * in about the order of their occurred_at, so a journal of millions of
+ * recent events is not scanned for old ones at every cycle).  So each cycle
+ * removes a bounded number of rows at about the rate it adds them, and the pages it frees are
  * reused by the inserts after vacuum; the table stays at about the size of
  * the retention window.  (Rotating partitions would free space without
  * vacuum, but the journal is an extension table that pg_dump must dump and
@@ -1113,8 +1116,10 @@ const char *cm_sql_journal_announce =
 	"   WHERE e.event_id IN (SELECT o.event_id FROM cm.journal o\n"
 	"                         WHERE o.event_id <= (SELECT coalesce(min(c.acked_id), $1) FROM cm.consumer c)\n"
 	"                           AND o.event_id <= $1\n"
-	"                           AND o.occurred_at < now() - make_interval(secs => $2)\n"
 	"                         ORDER BY o.event_id LIMIT 10000)\n"
+	"     AND e.occurred_at < now() - make_interval(secs => $2)\n"
+	"     AND (SELECT h.occurred_at FROM cm.journal h ORDER BY h.event_id LIMIT 1)\n"
+	"         < now() - make_interval(secs => $2)\n"
 	"  RETURNING e.event_id),\n"
 	/*
 	 * The account values of the cycles older than the oldest event left
