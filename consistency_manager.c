@@ -456,6 +456,16 @@ cm_worker_main(Datum main_arg)
 			/* the periodic reconciliation, never while a source is behind */
 			if (failure == NULL && !behind)
 				cm_worker_reconcile(loop_cxt);
+
+			/*
+			 * Hand the cycle's table statistics to the cumulative statistics
+			 * system: a regular backend does so before it waits for a client,
+			 * a background worker must do it itself.  Without it autovacuum
+			 * never learns of the rows the worker inserts, updates and deletes
+			 * (no vacuum, no analyze of the tables it writes) until the worker
+			 * exits.
+			 */
+			pgstat_report_stat(true);
 			cm_set_worker_state(failures > 0 ? "backing off after a failure" : "idle");
 			pgstat_report_activity(STATE_IDLE, "consistency_manager: waiting for the next cycle");
 		}

@@ -77,6 +77,18 @@ is( $node->safe_psql('portfolio',
 	't', 'only the worker ran cycles (cm.cycle_history)');
 check_oracle($node, $node, 'worker sync', exact => 1);
 
+# The worker's writes reach the cumulative statistics while it keeps running
+# (a background worker flushes them itself): without them autovacuum would
+# never vacuum or analyze the tables the worker writes (the journal keeps
+# growing under retention, the planner keeps empty-table estimates).
+my $written = $node->safe_psql('portfolio', 'SELECT count(*) FROM portfolio_transactions');
+ok( $node->poll_query_until('portfolio',
+		"SELECT n_tup_ins >= $written FROM pg_stat_user_tables WHERE relid = 'portfolio_transactions'::regclass"),
+	"the worker's inserts show in pg_stat_user_tables while it runs ($written rows)");
+ok( $node->poll_query_until('portfolio',
+		q{SELECT n_tup_ins > 0 FROM pg_stat_all_tables WHERE relid = 'cm.ledger'::regclass}),
+	"and those into cm.ledger");
+
 ############################################################################
 # pg_stat_activity
 ############################################################################
