@@ -184,15 +184,6 @@ static SPIPlanPtr process_plan = NULL;
 
 static SPIPlanPtr accounts_plan = NULL;
 static SPIPlanPtr accounts_payload_plan = NULL;
-
-/*
- * The running cycle's key in the journal (cm.journal.cycle): the last
- * event_id before the cycle, read under the cycle lock.  journal_cycle_on
- * is false when the cycle writes no event (consistency_manager.events off,
- * or nothing staged).
- */
-static int64 journal_cycle = 0;
-static bool journal_cycle_on = false;
 static SPIPlanPtr lock_plan = NULL;
 static SPIPlanPtr move_plan = NULL;
 static SPIPlanPtr clear_stage_plan = NULL;
@@ -200,6 +191,15 @@ static SPIPlanPtr delete_stage_plan = NULL;
 static SPIPlanPtr delete_batch_plan = NULL;
 static SPIPlanPtr journal_end_plan = NULL;
 static SPIPlanPtr journal_announce_plan = NULL;
+
+/*
+ * The running cycle's key in the journal (cm.journal.cycle): see
+ * cm_sql_journal_end, read under the cycle lock.  journal_cycle_on
+ * is false when the cycle writes no event (consistency_manager.events off,
+ * or nothing staged).
+ */
+static int64 journal_cycle = 0;
+static bool journal_cycle_on = false;
 
 /*
  * The scratch tables are emptied by DELETE while the rows this backend
@@ -2001,7 +2001,7 @@ write_accounts(void *arg)
 {
 	AccountWork *w = (AccountWork *) arg;
 
-	/* the whole write is an INSERT into the journal around the UPDATE */
+	/* the whole write is an INSERT around the UPDATE (cm.journal_account, or cm.journal) */
 	if (w->plan == accounts_subset_plan)
 		run_plan(w->plan, &w->accounts, NULL, SPI_OK_UPDATE);
 	else if (w->plan == accounts_plan)
