@@ -49,6 +49,7 @@
 #   bash bench/run.sh                  default run (about 20 minutes on 2 cores)
 #   BENCH_FULL=1 bash bench/run.sh     incremental at 10M rows too (+15-20 min)
 #   BENCH_QUICK=1 bash bench/run.sh    small sizes, a smoke test (about 2 min)
+#   BENCH_ONLY=catchup ...             only the catch-up and incremental phases (1, 3, 4) at both sizes
 #   BENCH_ONLY=beside ...              only phase 7 (beside the application);
 #                                      also after, poison, sustained,
 #                                      bounded, reconcile, events, backlog, retention (phases 8-15), or several:
@@ -113,7 +114,7 @@ if [ "$MODE" != quick ]; then
 fi
 ONLY=${BENCH_ONLY:-}
 for p in ${ONLY//,/ }; do
-    case $p in beside|after|poison|sustained|bounded|reconcile|events|backlog|retention) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (beside, after, poison, sustained, bounded, reconcile, events, backlog, retention)" >&2; exit 1 ;; esac
+    case $p in catchup|beside|after|poison|sustained|bounded|reconcile|events|backlog|retention) ;; *) echo "BENCH_ONLY: unknown phase \"$p\" (catchup, beside, after, poison, sustained, bounded, reconcile, events, backlog, retention)" >&2; exit 1 ;; esac
 done
 only() { [[ ",$ONLY," == *",$1,"* ]]; }
 # a run of some phases writes beside the full run's results, not over them
@@ -979,6 +980,14 @@ SQL
 # ---------------------------------------------------------------- the run
 if [ -n "$ONLY" ]; then
     # in the order of the full run
+    if only catchup; then
+        set -- $CATCHUP_RUNS; runs_small=$1 runs_big=$2
+        set -- $CATCHUP_SIZES; size_small=$1 size_big=$2
+        catchup "$size_small" "$runs_small"
+        incremental "$size_small"
+        catchup "$size_big" "$runs_big"
+        for s in $INCR_SIZES; do [ "$s" = "$size_small" ] || incremental "$s"; done
+    fi
     only after && after_phase "$NEW_SIZE"
     only poison && poison_phase "$NEW_SIZE"
     only beside && beside_phase "$BESIDE_SIZE"
