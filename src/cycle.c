@@ -27,8 +27,10 @@
  */
 #include "postgres.h"
 
+#include "access/table.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -41,7 +43,9 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/plancache.h"
+#include "utils/rel.h"
 #include "utils/resowner.h"
+#include "storage/bufmgr.h"
 #include "utils/timestamp.h"
 
 #include "cm.h"
@@ -733,6 +737,29 @@ attach_probes(Source *sources, int nsources)
 }
 
 /*
+ * ledger_rows
+ *		About how many rows cm.ledger holds (pg_class.reltuples, kept by
+ *		autovacuum and ANALYZE).
+ */
+static double
+ledger_rows(void)
+{
+	Oid			relid = get_relname_relid("ledger", get_namespace_oid("cm", false));
+	Relation	rel;
+	double		rows;
+
+	if (!OidIsValid(relid))
+		return 0;
+	rel = table_open(relid, AccessShareLock);
+	rows = rel->rd_rel->reltuples;
+	/* never vacuumed nor analyzed: about 50 ledger rows a page */
+	if (rows < 0)
+		rows = 50.0 * RelationGetNumberOfBlocks(rel);
+	table_close(rel, AccessShareLock);
+	return rows;
+}
+
+/*
  * process_batch
  *		Run the processing statement over the batch of a source, add its
  *		counts to the result, and empty the batch.  The accounts are written
@@ -740,7 +767,8 @@ attach_probes(Source *sources, int nsources)
  *		cm.batch_account.
  */
 static void
-process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult *result)
+process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult *result,
+			  uint64 batch_rows)
 {
 	Datum		values[6];
 	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
@@ -760,7 +788,31 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	if (!journal_cycle_on)
 		nulls[5] = 'n';
 	set_step("consistency_manager: applying changes");
-	run_plan(get_process_plan(&accounts, &lock), values, nulls, SPI_OK_SELECT);
+
+	/*
+	 * A batch much smaller than the ledger (an incremental cycle) is joined
+	 * to the ledger, portfolio_transactions and the accounts by their keys.
+	 * The planner, which prices every index probe as a read from disk, would
+	 * rather hash the whole of each table (a 1,000-row batch against a
+	 * 100k-row ledger: 160 ms instead of 30), so hash and merge joins are
+	 * off while this batch is planned.  A catch-up (a batch of the ledger's
+	 * order of size) is planned as the planner likes.
+	 */
+	if ((double) batch_rows * 10.0 < ledger_rows())
+	{
+		int			save_nestlevel = NewGUCNestLevel();
+
+		(void) set_config_option("enable_hashjoin", "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+		(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+		(void) set_config_option("join_collapse_limit", "1", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+		run_plan(get_process_plan(&accounts, &lock), values, nulls, SPI_OK_SELECT);
+		AtEOXact_GUC(true, save_nestlevel);
+	}
+	else
+		run_plan(get_process_plan(&accounts, &lock), values, nulls, SPI_OK_SELECT);
 
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -1568,7 +1620,7 @@ process_whole_pass(void *arg)
 	values[0] = Int32GetDatum(w->src->source_id);
 	values[1] = Int16GetDatum((int16) w->pass);
 	run_plan(move_plan, values, NULL, SPI_OK_INSERT);
-	process_batch(w->src->source_id, w->deltas, w->poison, w->result);
+	process_batch(w->src->source_id, w->deltas, w->poison, w->result, SPI_processed);
 }
 
 /* apply_pass, isolating: a set of staged rows, copied from cm.stage. */
@@ -1578,7 +1630,7 @@ process_row_set(void *arg)
 	PassWork   *w = (PassWork *) arg;
 
 	run_plan(copy_stage_plan, &w->tids, NULL, SPI_OK_INSERT);
-	process_batch(w->src->source_id, w->deltas, w->poison, w->result);
+	process_batch(w->src->source_id, w->deltas, w->poison, w->result, SPI_processed);
 }
 
 /*
