@@ -340,17 +340,38 @@ incremental() {
     local half=$((INCR_CHANGED / 2))
     q -c "UPDATE investment_queue SET status = 'COMPLETED', processed_at = now() WHERE queue_id IN (SELECT queue_id FROM investment_queue WHERE status = 'PROCESSING' ORDER BY queue_id LIMIT $half)" \
       -c "UPDATE withdrawal_queue SET status = 'COMPLETED', processed_at = now() WHERE queue_id IN (SELECT queue_id FROM withdrawal_queue WHERE status = 'PROCESSING' ORDER BY queue_id LIMIT $((INCR_CHANGED - half)))"
-    local inc=() rr=""
-    for i in $(seq 1 "$INCR_RUNS"); do
-        out=$("${PSQL[@]}" -d portfolio -At -F ' ' -c '\timing on' -c 'BEGIN' \
-              -c "SELECT rows_read, updated, completed_applied FROM cm_sync_now(keep_connections => true)" -c 'ROLLBACK')
-        set -- $(printf '%s\n' "$out" | grep -v '^Time:')
-        [ "$3" = "$INCR_CHANGED" ] || { echo "incremental cycle applied $3, not $INCR_CHANGED: $out" >&2; exit 1; }
-        rr=$1
-        inc+=("$(printf '%s\n' "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | sed -n 2p)")
+    # Both the cycle and the bare upsert run in one session each, as the
+    # worker's cycles do: two runs to warm it (the connection to queue-db,
+    # the catalog and plan caches), then INCR_RUNS measured.  Each runs in a
+    # transaction that is rolled back, so every run reads the same changes.
+    local inc=() rr="" cmds=(-c '\timing on') times
+    for i in $(seq 1 $((INCR_RUNS + 2))); do
+        cmds+=(-c 'BEGIN' -c "SELECT rows_read, updated, completed_applied FROM cm_sync_now(keep_connections => true)" -c 'ROLLBACK')
     done
-    record incremental.cycle "$size" "$n" "{\"changed\":$INCR_CHANGED,\"rows_read\":$rr}" "${inc[@]}"
+    out=$("${PSQL[@]}" -d portfolio -At -F ' ' "${cmds[@]}")
+    printf '%s\n' "$out" | grep -v '^Time:' | awk -v n="$INCR_CHANGED" '$3 != n {print "incremental cycle applied " $3 ", not " n; exit 1}' >&2 || exit 1
+    rr=$(printf '%s\n' "$out" | grep -v '^Time:' | tail -1 | cut -d' ' -f1)
+    mapfile -t times < <(printf '%s\n' "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p')
+    for i in $(seq 2 $((INCR_RUNS + 1))); do inc+=("${times[$((3 * i + 1))]}"); done
+    record incremental.cycle "$size" "$n" "{\"changed\":$INCR_CHANGED,\"rows_read\":$rr,\"session\":\"warm\"}" "${inc[@]}"
     say "  incremental: ${inc[*]} ms (reads $rr rows)"
+    # the bare upsert of the same changed rows (and the two ticks): the rows
+    # changed in the last hour, the bound a literal so that postgres_fdw
+    # sends it to queue-db
+    local cut bare=()
+    cut=$(val queue -c "SELECT now() - interval '1 hour'")
+    cmds=(-c '\timing on')
+    for i in $(seq 1 $((INCR_RUNS + 2))); do
+        cmds+=(-c 'BEGIN' -f "$BENCH/sql/baseline_upsert.sql" -c 'ROLLBACK')
+    done
+    out=$("${PSQL[@]}" -d portfolio -At \
+          -v inv="(SELECT * FROM cm_remote.queue_server_investment_queue WHERE updated_at > '$cut'::timestamptz) i" \
+          -v wd="(SELECT * FROM cm_remote.queue_server_withdrawal_queue WHERE updated_at > '$cut'::timestamptz) w" \
+          "${cmds[@]}")
+    mapfile -t times < <(printf '%s\n' "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p')
+    for i in $(seq 2 $((INCR_RUNS + 1))); do bare+=("${times[$((3 * i + 1))]}"); done
+    record incremental.bare_upsert "$size" "$n" "{\"changed\":$INCR_CHANGED}" "${bare[@]}"
+    say "  bare incremental upsert of the same rows: ${bare[*]} ms"
     sync_once >/dev/null     # apply them for good: the portfolio is in sync again
 }
 
