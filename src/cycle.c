@@ -738,8 +738,7 @@ attach_probes(Source *sources, int nsources)
 
 /*
  * ledger_rows
- *		About how many rows cm.ledger holds (pg_class.reltuples, kept by
- *		autovacuum and ANALYZE).
+ *		About how many rows cm.ledger holds.
  */
 static double
 ledger_rows(void)
@@ -751,10 +750,14 @@ ledger_rows(void)
 	if (!OidIsValid(relid))
 		return 0;
 	rel = table_open(relid, AccessShareLock);
-	rows = rel->rd_rel->reltuples;
-	/* never vacuumed nor analyzed: about 50 ledger rows a page */
-	if (rows < 0)
-		rows = 50.0 * RelationGetNumberOfBlocks(rel);
+	/*
+	 * Its size now, at the density the last VACUUM or ANALYZE saw (about 50
+	 * rows a page before any): as the planner estimates a table, since
+	 * reltuples alone lags a catch-up that has just filled the ledger.
+	 */
+	rows = (double) RelationGetNumberOfBlocks(rel) *
+		((rel->rd_rel->relpages > 0 && rel->rd_rel->reltuples > 0) ?
+		 rel->rd_rel->reltuples / rel->rd_rel->relpages : 50.0);
 	table_close(rel, AccessShareLock);
 	return rows;
 }
