@@ -659,6 +659,25 @@ poison_phase() {
       -c "RESET session_replication_role" -c "DROP TABLE bench_poison"
 }
 
+# write_writer_script -> $WORK/writer.sql: the pgbench script of the phases
+# with a queue-db writer (sustained load, retention): per transaction, 4 new
+# requests (3 completed, 1 processing) and one old one's status flipped
+# (pgbench -D accounts=... -D base=<highest queue_id>)
+write_writer_script() {
+    cat > "$WORK/writer.sql" <<'SQL'
+\set a random(1, :accounts)
+\set old random(1, :base)
+BEGIN;
+INSERT INTO investment_queue (account_number, tier_1, tier_2, tier_3, uuid, status, processed_at)
+SELECT 'A' || lpad((1 + (:a + g) % :accounts)::text, 9, '0'), 10 + g, 20, 30, gen_random_uuid()::text,
+       CASE WHEN g < 4 THEN 'COMPLETED' ELSE 'PROCESSING' END, now()
+  FROM generate_series(1, 4) g;
+UPDATE investment_queue SET status = CASE status WHEN 'COMPLETED' THEN 'FAILED' ELSE 'COMPLETED' END, processed_at = now()
+ WHERE queue_id = :old AND status IN ('COMPLETED', 'FAILED');
+END;
+SQL
+}
+
 # ---------------------------------------------------------------- 10. sustained load
 # A writer in queue-db (pgbench, two clients) commits small transactions for
 # SUSTAIN_SECS at each rate of SUSTAIN_RATES (transactions per second;
@@ -681,18 +700,7 @@ sustained_phase() {
     fi
     sync_once >/dev/null
     base=$(val queue -c "SELECT max(queue_id) FROM investment_queue")
-    cat > "$WORK/writer.sql" <<'SQL'
-\set a random(1, :accounts)
-\set old random(1, :base)
-BEGIN;
-INSERT INTO investment_queue (account_number, tier_1, tier_2, tier_3, uuid, status, processed_at)
-SELECT 'A' || lpad((1 + (:a + g) % :accounts)::text, 9, '0'), 10 + g, 20, 30, gen_random_uuid()::text,
-       CASE WHEN g < 4 THEN 'COMPLETED' ELSE 'PROCESSING' END, now()
-  FROM generate_series(1, 4) g;
-UPDATE investment_queue SET status = CASE status WHEN 'COMPLETED' THEN 'FAILED' ELSE 'COMPLETED' END, processed_at = now()
- WHERE queue_id = :old AND status IN ('COMPLETED', 'FAILED');
-END;
-SQL
+    write_writer_script
     worker_on
     for rate in $SUSTAIN_RATES; do
         q0=$(val queue -c "SELECT max(queue_id) FROM investment_queue")
@@ -953,18 +961,7 @@ retention_phase() {
     fi
     sync_once >/dev/null
     base=$(val queue -c "SELECT max(queue_id) FROM investment_queue")
-    cat > "$WORK/writer.sql" <<'SQL'
-\set a random(1, :accounts)
-\set old random(1, :base)
-BEGIN;
-INSERT INTO investment_queue (account_number, tier_1, tier_2, tier_3, uuid, status, processed_at)
-SELECT 'A' || lpad((1 + (:a + g) % :accounts)::text, 9, '0'), 10 + g, 20, 30, gen_random_uuid()::text,
-       CASE WHEN g < 4 THEN 'COMPLETED' ELSE 'PROCESSING' END, now()
-  FROM generate_series(1, 4) g;
-UPDATE investment_queue SET status = CASE status WHEN 'COMPLETED' THEN 'FAILED' ELSE 'COMPLETED' END, processed_at = now()
- WHERE queue_id = :old AND status IN ('COMPLETED', 'FAILED');
-END;
-SQL
+    write_writer_script
     pf -c "ALTER SYSTEM SET consistency_manager.event_retention = '$RET_KEEP'" -c "SELECT pg_reload_conf()" \
        -c "SELECT cm_consumer_drop('bench_ret') FROM cm.consumer WHERE name = 'bench_ret'" \
        -c "SELECT cm_consumer_create('bench_ret')" >/dev/null

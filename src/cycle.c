@@ -36,6 +36,7 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "storage/bufmgr.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -45,7 +46,6 @@
 #include "utils/plancache.h"
 #include "utils/rel.h"
 #include "utils/resowner.h"
-#include "storage/bufmgr.h"
 #include "utils/timestamp.h"
 
 #include "cm.h"
@@ -780,6 +780,8 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	bool		isnull;
 	SPIPlanPtr	accounts;
 	SPIPlanPtr	lock;
+	SPIPlanPtr	plan;
+	int			save_nestlevel = 0;
 	int64		rows;
 
 	values[0] = Int32GetDatum(source_id);
@@ -801,21 +803,20 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	 * off while this batch is planned.  A catch-up (a batch of the ledger's
 	 * order of size) is planned as the planner likes.
 	 */
+	plan = get_process_plan(&accounts, &lock);
 	if ((double) batch_rows * 10.0 < ledger_rows())
 	{
-		int			save_nestlevel = NewGUCNestLevel();
-
+		save_nestlevel = NewGUCNestLevel();
 		(void) set_config_option("enable_hashjoin", "off", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
 		(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
 		(void) set_config_option("join_collapse_limit", "1", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
-		run_plan(get_process_plan(&accounts, &lock), values, nulls, SPI_OK_SELECT);
-		AtEOXact_GUC(true, save_nestlevel);
 	}
-	else
-		run_plan(get_process_plan(&accounts, &lock), values, nulls, SPI_OK_SELECT);
+	run_plan(plan, values, nulls, SPI_OK_SELECT);
+	if (save_nestlevel > 0)
+		AtEOXact_GUC(true, save_nestlevel);
 
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -838,6 +839,27 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 }
 
 /*
+ * error_ends_cycle
+ *		Whether error e ends the cycle whatever step met it, so that no
+ *		step may catch it: not an ERROR, the cycle's deadline or a shutdown,
+ *		a cancel (operator intervention), a lack of resources, a program
+ *		limit, a system or an internal error.
+ */
+static bool
+error_ends_cycle(const ErrorData *e)
+{
+	int			category = ERRCODE_TO_CATEGORY(e->sqlerrcode);
+
+	if (e->elevel != ERROR || cm_cycle_deadline_expired() || cm_remote_exit_requested())
+		return true;
+	return category == ERRCODE_OPERATOR_INTERVENTION ||
+		category == ERRCODE_INSUFFICIENT_RESOURCES ||
+		category == ERRCODE_PROGRAM_LIMIT_EXCEEDED ||
+		category == ERRCODE_SYSTEM_ERROR ||
+		category == ERRCODE_INTERNAL_ERROR;
+}
+
+/*
  * data_error
  *		Whether an error of the processing or account statements is one the
  *		rows themselves cause, so that trying the rows apart finds those
@@ -855,7 +877,7 @@ data_error(const ErrorData *e)
 {
 	int			category = ERRCODE_TO_CATEGORY(e->sqlerrcode);
 
-	if (e->elevel != ERROR || cm_cycle_deadline_expired() || cm_remote_exit_requested())
+	if (error_ends_cycle(e))
 		return false;
 	return category == ERRCODE_DATA_EXCEPTION ||
 		category == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION ||
@@ -1331,16 +1353,8 @@ stage_source(Source *src, CmCycleResult *result)
 static bool
 source_error_is_its_own(const ErrorData *e)
 {
-	int			category = ERRCODE_TO_CATEGORY(e->sqlerrcode);
-
-	if (e->elevel != ERROR || cm_cycle_deadline_expired() || cm_remote_exit_requested())
-		return false;
-	return category != ERRCODE_OPERATOR_INTERVENTION &&
-		category != ERRCODE_INSUFFICIENT_RESOURCES &&
-		category != ERRCODE_PROGRAM_LIMIT_EXCEEDED &&
-		category != ERRCODE_SYSTEM_ERROR &&
-		category != ERRCODE_INTERNAL_ERROR &&
-		category != ERRCODE_TRANSACTION_ROLLBACK;
+	return !error_ends_cycle(e) &&
+		ERRCODE_TO_CATEGORY(e->sqlerrcode) != ERRCODE_TRANSACTION_ROLLBACK;
 }
 
 /* A source to read in a subtransaction (try_stage_source). */
@@ -1739,21 +1753,12 @@ row_named_by(ItemPointerData *tids, int n, const ErrorData *e)
 /*
  * hint_error
  *		Whether an error of a hint's statement (check_suspects) is one to
- *		ignore, the hint being dropped: anything but a cancel, a shutdown,
- *		a lack of resources or an internal error.
+ *		ignore, the hint being dropped: any that does not end the cycle.
  */
 static bool
 hint_error(const ErrorData *e)
 {
-	int			category = ERRCODE_TO_CATEGORY(e->sqlerrcode);
-
-	if (e->elevel != ERROR || cm_cycle_deadline_expired() || cm_remote_exit_requested())
-		return false;
-	return category != ERRCODE_OPERATOR_INTERVENTION &&
-		category != ERRCODE_INSUFFICIENT_RESOURCES &&
-		category != ERRCODE_PROGRAM_LIMIT_EXCEEDED &&
-		category != ERRCODE_SYSTEM_ERROR &&
-		category != ERRCODE_INTERNAL_ERROR;
+	return !error_ends_cycle(e);
 }
 
 /* qsort/bsearch order of ItemPointerData */
@@ -2477,9 +2482,9 @@ cm_run_cycle(bool wait_for_lock, const char *trigger, CmCycleResult *result)
 	if (journal_cycle_on)
 		journal_since = journal_end(&journal_cycle);
 	apply_with_retry(sources, nsources, deltas, result);
-	journal_cycle_on = false;
-	if (staged > 0 && cm_events)
+	if (journal_cycle_on)
 		journal_announce(journal_since);
+	journal_cycle_on = false;
 	new_failure = report_source_failures(sources, nsources,
 										 strcmp(trigger, "manual") == 0, result);
 	for (i = 0; i < nsources; i++)

@@ -263,6 +263,22 @@ cm_sql_stage_dead_letters(const char *foreign_table, const char *account_column,
 	"CASE upper(" t ") WHEN 'INVEST' THEN 'INVEST'" \
 	" WHEN 'WITHDRAW' THEN 'WITHDRAWAL' WHEN 'WITHDRAWAL' THEN 'WITHDRAWAL' END"
 
+/*
+ * An effect of the journal, from a row of f: which rows have one, its event
+ * type, and the factors or amounts it applied (those of its completion, or
+ * their inverse for a compensation, from what the ledger recorded).
+ */
+#define HAS_EFFECT \
+	"f.act AND f.why IS NULL AND f.effect IS NOT NULL AND f.eff_pol <> 'none'"
+#define EFFECT_TYPE \
+	"CASE f.effect WHEN 'apply' THEN 'effect_applied' ELSE 'effect_compensated' END"
+#define EFFECT_FACTORS \
+	"CASE WHEN f.effect = 'apply' THEN f.factors" \
+	" WHEN f.eff_pol = 'market_delta' THEN ARRAY[1 / f.l_f1, 1 / f.l_f2, 1 / f.l_f3] END"
+#define EFFECT_AMOUNTS \
+	"CASE WHEN f.effect = 'apply' THEN f.amounts" \
+	" WHEN f.eff_pol = 'amount' THEN ARRAY[-f.l_a1, -f.l_a2, -f.l_a3] END"
+
 /* A row of cm.batch as it was read from queue-db, for the journal (alias f). */
 #define QUEUE_ROW \
 	"ROW(f.queue_id, f.uuid_text, f.accountid, f.transaction_type, f.tier_1, f.tier_2," \
@@ -555,7 +571,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"                          previous_status, adopted, reason, policy, kind, factors, amounts,"
 		"                          cycle, payload)"
 		"  SELECT $1, f.id, f.accountid,"
-		"         CASE WHEN v.k = 1 THEN CASE f.effect WHEN 'apply' THEN 'effect_applied' ELSE 'effect_compensated' END"
+		"         CASE WHEN v.k = 1 THEN " EFFECT_TYPE
 		"              WHEN f.why IS NOT NULL THEN 'dead_lettered'"
 		"              WHEN f.change = 'new' THEN 'transaction_created'"
 		"              WHEN f.status IS DISTINCT FROM f.l_status THEN 'status_changed'"
@@ -564,10 +580,8 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"         CASE WHEN v.k = 0 THEN f.portfolio_status END, CASE WHEN v.k = 0 THEN f.l_status END,"
 		"         CASE WHEN v.k = 0 THEN f.adopted END, CASE WHEN v.k = 0 THEN f.why END,"
 		"         CASE WHEN v.k = 1 THEN f.eff_pol END, CASE WHEN v.k = 1 THEN f.kind END,"
-		"         CASE WHEN v.k = 0 THEN NULL WHEN f.effect = 'apply' THEN f.factors"
-		"              WHEN f.eff_pol = 'market_delta' THEN ARRAY[1 / f.l_f1, 1 / f.l_f2, 1 / f.l_f3] END,"
-		"         CASE WHEN v.k = 0 THEN NULL WHEN f.effect = 'apply' THEN f.amounts"
-		"              WHEN f.eff_pol = 'amount' THEN ARRAY[-f.l_a1, -f.l_a2, -f.l_a3] END,"
+		"         CASE WHEN v.k = 1 THEN " EFFECT_FACTORS " END,"
+		"         CASE WHEN v.k = 1 THEN " EFFECT_AMOUNTS " END,"
 		"         $6,"
 		"         CASE WHEN v.k = 0 AND " EVENT_PAYLOAD_ON " THEN"
 		"              to_jsonb(ROW(" QUEUE_ROW ", f.portfolio_status, f.l_status, f.adopted,"
@@ -576,8 +590,7 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"   WHERE $6::bigint IS NOT NULL"
 		"     AND CASE v.k"
 		"          WHEN 0 THEN (f.act AND f.why IS NULL) OR (f.why IS NOT NULL AND f.fresh)"
-		"          ELSE f.act AND f.why IS NULL AND f.effect IS NOT NULL AND f.eff_pol <> 'none'"
-		"               AND NOT " EVENT_PAYLOAD_ON
+		"          ELSE " HAS_EFFECT " AND NOT " EVENT_PAYLOAD_ON
 		"         END"
 		"),"
 		" be AS ("
@@ -586,13 +599,11 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"  SELECT $1, q.queue_id, q.id, q.accountid, q.event_type, q.queue_row, q.eff_pol, q.kind,"
 		"         q.factors, q.amounts"
 		"    FROM (SELECT f.queue_id, f.id, f.accountid, f.eff_pol, f.kind, " QUEUE_ROW " AS queue_row,"
-		"                 CASE f.effect WHEN 'apply' THEN 'effect_applied' ELSE 'effect_compensated' END AS event_type,"
-		"                 CASE WHEN f.effect = 'apply' THEN f.factors"
-		"                      WHEN f.eff_pol = 'market_delta' THEN ARRAY[1 / f.l_f1, 1 / f.l_f2, 1 / f.l_f3] END AS factors,"
-		"                 CASE WHEN f.effect = 'apply' THEN f.amounts"
-		"                      WHEN f.eff_pol = 'amount' THEN ARRAY[-f.l_a1, -f.l_a2, -f.l_a3] END AS amounts"
+		"                 " EFFECT_TYPE " AS event_type,"
+		"                 " EFFECT_FACTORS " AS factors,"
+		"                 " EFFECT_AMOUNTS " AS amounts"
 		"            FROM f"
-		"           WHERE f.act AND f.why IS NULL AND f.effect IS NOT NULL AND f.eff_pol <> 'none'"
+		"           WHERE " HAS_EFFECT
 		"             AND $6::bigint IS NOT NULL AND " EVENT_PAYLOAD_ON
 		"           ORDER BY f.queue_id) q"
 		")"
@@ -806,10 +817,10 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset, 
 
 	/*
 	 * With consistency_manager.event_payload on, the whole write with its
-	 * journal: one event per effect in cm.batch_effect, with the account's values before (b: read in the
-	 * same snapshot as the UPDATE, so before it, and under the lock the
-	 * account step took) and after (RETURNING: what the UPDATE wrote,
-	 * triggers included).  Several effects on one account in a cycle are
+	 * journal: one event per effect in cm.batch_effect, with the account's
+	 * values before (b: read in the same snapshot as the UPDATE, so before
+	 * it, and under the lock the account step took) and after (RETURNING:
+	 * what the UPDATE wrote, triggers included).  Several effects on one account in a cycle are
 	 * one combined update, so each of them carries the values before and
 	 * after that update, and how many effects it combined (counted in b,
 	 * with the values before, rather than by a window over the effects).
@@ -1101,10 +1112,10 @@ const char *cm_sql_journal_end =
  * oldest event_ids, found through the primary key, those old enough, and
  * nothing when the oldest event is not (one index probe: events are written
  * in about the order of their occurred_at, so a journal of millions of
- * recent events is not scanned for old ones at every cycle).  So each cycle
- * removes a bounded number of rows at about the rate it adds them, and the pages it frees are
- * reused by the inserts after vacuum; the table stays at about the size of
- * the retention window.  (Rotating partitions would free space without
+ * recent events is not scanned for old ones at every cycle).  So each
+ * cycle removes a bounded number of rows at about the rate it adds them,
+ * and the pages it frees are reused by the inserts after vacuum; the table
+ * stays at about the size of the retention window.  (Rotating partitions would free space without
  * vacuum, but the journal is an extension table that pg_dump must dump and
  * Debezium must read as one table.)  An event after some consumer's offset
  * is never removed.  The rows of cm.journal_account go with the last event

@@ -101,8 +101,9 @@ typedef struct CmPrivilege
  * appends to (and prunes) cm.cycle_history.  It journals its events in
  * cm.journal and the account values around its effects in
  * cm.journal_account (with event_payload on, the effects through
- * cm.batch_effect), and prunes both up to the offsets of cm.consumer.  The identity columns of cm.cycle_history,
- * cm.batch_effect and cm.journal need no privilege on their sequences.
+ * cm.batch_effect), and prunes both up to the offsets of cm.consumer.  The
+ * identity columns of cm.cycle_history, cm.batch_effect and cm.journal need
+ * no privilege on their sequences.
  */
 static const struct
 {

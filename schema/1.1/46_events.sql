@@ -113,10 +113,21 @@ SELECT pg_catalog.pg_extension_config_dump('cm.journal_account', '');
 ALTER TABLE cm.batch_account ADD COLUMN effects integer;
 COMMENT ON COLUMN cm.batch_account.effects IS 'how many effects (completions applied or compensated) these factors and amounts combine';
 
+/* An account's eight values (cm.journal.before, after) as a payload's jsonb. */
+CREATE FUNCTION cm.event_account_jsonb(v numeric[])
+    RETURNS jsonb
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+        SELECT to_jsonb(ROW(v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8])::cm.event_account)
+    $$;
+COMMENT ON FUNCTION cm.event_account_jsonb(numeric[]) IS 'an account''s tier1..3_value, total_value, tier1..3_allocation, total_allocation as the jsonb of an event''s before or after';
+REVOKE ALL ON FUNCTION cm.event_account_jsonb(numeric[]) FROM PUBLIC;
+
 /*
  * An event's jsonb payload from its typed columns: the queue row, and for
  * effects the policy, the factors or amounts, the account's values before
- * and after and effects_in_cycle.
+ * and after and effects_in_cycle (an effect's own, or those of its row x of
+ * cm.journal_account).
  */
 CREATE FUNCTION cm.event_payload(j cm.journal, x cm.journal_account DEFAULT NULL)
     RETURNS jsonb
@@ -125,14 +136,8 @@ CREATE FUNCTION cm.event_payload(j cm.journal, x cm.journal_account DEFAULT NULL
         SELECT CASE WHEN j.event_type IN ('effect_applied', 'effect_compensated') THEN
                     to_jsonb(ROW(j.queue_row, j.policy, j.kind, j.factors, j.amounts)::cm.event_effect)
                     || jsonb_build_object(
-                        'before', to_jsonb(ROW((coalesce(j.before, x.before))[1], (coalesce(j.before, x.before))[2],
-                                               (coalesce(j.before, x.before))[3], (coalesce(j.before, x.before))[4],
-                                               (coalesce(j.before, x.before))[5], (coalesce(j.before, x.before))[6],
-                                               (coalesce(j.before, x.before))[7], (coalesce(j.before, x.before))[8])::cm.event_account),
-                        'after', to_jsonb(ROW((coalesce(j.after, x.after))[1], (coalesce(j.after, x.after))[2],
-                                              (coalesce(j.after, x.after))[3], (coalesce(j.after, x.after))[4],
-                                              (coalesce(j.after, x.after))[5], (coalesce(j.after, x.after))[6],
-                                              (coalesce(j.after, x.after))[7], (coalesce(j.after, x.after))[8])::cm.event_account),
+                        'before', cm.event_account_jsonb(coalesce(j.before, x.before)),
+                        'after', cm.event_account_jsonb(coalesce(j.after, x.after)),
                         'effects_in_cycle', coalesce(j.effects_in_cycle, x.effects))
                ELSE to_jsonb(ROW(j.queue_row, j.portfolio_status, j.previous_status, j.adopted,
                                  j.reason)::cm.event_change)
