@@ -469,7 +469,7 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 		accounts_payload_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
 																   get_attnum(portfolios, "updated_at") != InvalidAttrNumber,
 																   false, true),
-											 0, NULL, 0);
+											 1, cyclearg, 0);
 		{
 			Oid			subsetarg[1] = {TEXTARRAYOID};
 
@@ -2061,17 +2061,15 @@ write_accounts(void *arg)
 {
 	AccountWork *w = (AccountWork *) arg;
 
-	/* the whole write is an INSERT around the UPDATE (cm.journal_account, or cm.journal) */
+	/* the whole write is an INSERT around the UPDATE (cm.journal_account, and with event_payload on cm.journal) */
 	if (w->plan == accounts_subset_plan)
 		run_plan(w->plan, &w->accounts, NULL, SPI_OK_UPDATE);
-	else if (w->plan == accounts_plan)
+	else
 	{
 		Datum		cycle = Int64GetDatum(journal_cycle);
 
 		run_plan(w->plan, &cycle, journal_cycle_on ? NULL : "n", SPI_OK_INSERT);
 	}
-	else
-		run_plan(w->plan, NULL, NULL, SPI_OK_INSERT);
 }
 
 /*

@@ -9,7 +9,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(85);
+SELECT plan(88);
 
 \ir lib/helpers.sql
 
@@ -320,6 +320,17 @@ SELECT is_empty($$SELECT j.event_id FROM cm.journal j
     'the stored payload is the one cm.event builds from the typed columns');
 SELECT is((SELECT count(*)::int FROM cm.journal j WHERE j.payload IS NOT NULL AND j.event_id <= (SELECT id FROM payload_mark)), 0,
     'event_payload off (the default): no payload is stored');
+SELECT is((SELECT x.after FROM cm.journal j JOIN cm.journal_account x ON x.cycle = j.cycle AND x.accountid = j.accountid
+            WHERE j.event_id > (SELECT id FROM payload_mark) AND j.event_type = 'effect_applied'),
+          (SELECT j.after FROM cm.journal j
+            WHERE j.event_id > (SELECT id FROM payload_mark) AND j.event_type = 'effect_applied'),
+    'event_payload on: the account''s update is recorded in cm.journal_account too, under the effect''s cycle');
+SELECT is((SELECT h.payload FROM cm_account_history('A2') h ORDER BY h.event_id DESC LIMIT 1),
+          (SELECT j.payload FROM cm.journal j
+            WHERE j.event_id > (SELECT id FROM payload_mark) AND j.event_type = 'effect_applied'),
+    'cm_account_history finds the effect written with event_payload on, last, with its stored payload');
+SELECT is_empty('SELECT * FROM cm_verify_accounts()',
+    'cm_verify_accounts: A2 matches its last effect, written with event_payload on');
 
 -- 11. privileges ---------------------------------------------------------------------------
 SELECT is_empty($$
