@@ -763,6 +763,31 @@ ledger_rows(void)
 }
 
 /*
+ * plan_by_keys
+ *		Open a GUC nest level (the caller closes it with AtEOXact_GUC) in
+ *		which statements are planned with nested loops by key: hash and merge
+ *		joins off; with no_sort, local sorts off too; with written_order, the
+ *		join order as written (join_collapse_limit = 1).
+ */
+static int
+plan_by_keys(bool no_sort, bool written_order)
+{
+	int			nestlevel = NewGUCNestLevel();
+
+	if (no_sort)
+		(void) set_config_option("enable_sort", "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("enable_hashjoin", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	if (written_order)
+		(void) set_config_option("join_collapse_limit", "1", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	return nestlevel;
+}
+
+/*
  * process_batch
  *		Run the processing statement over the batch of a source, add its
  *		counts to the result, and empty the batch.  The accounts are written
@@ -805,15 +830,7 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	 */
 	plan = get_process_plan(&accounts, &lock);
 	if ((double) batch_rows * 10.0 < ledger_rows())
-	{
-		save_nestlevel = NewGUCNestLevel();
-		(void) set_config_option("enable_hashjoin", "off", PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
-		(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
-		(void) set_config_option("join_collapse_limit", "1", PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
-	}
+		save_nestlevel = plan_by_keys(false, true);
 	run_plan(plan, values, nulls, SPI_OK_SELECT);
 	if (save_nestlevel > 0)
 		AtEOXact_GUC(true, save_nestlevel);
@@ -1207,13 +1224,7 @@ stage_source(Source *src, CmCycleResult *result)
 	 * merge joins the ledger is probed per row of the page by its index
 	 * (cm_sql_stage_page).
 	 */
-	save_nestlevel = NewGUCNestLevel();
-	(void) set_config_option("enable_sort", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	(void) set_config_option("enable_hashjoin", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
-	(void) set_config_option("enable_mergejoin", "off", PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
+	save_nestlevel = plan_by_keys(true, false);
 
 	stage = get_stage_plan(src, &unplaceable, &dead_letters, &count, &unplaceable_read);
 

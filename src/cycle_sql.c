@@ -825,7 +825,9 @@ cm_sql_apply_accounts(const char *portfolios, bool set_updated_at, bool subset, 
 	 * after that update, and how many effects it combined (counted in b,
 	 * with the values before, rather than by a window over the effects).
 	 * The values are stored as numeric[]; the jsonb payload is built when read (cm.event),
-	 * or here with consistency_manager.event_payload on.
+	 * or here with consistency_manager.event_payload on.  The row of
+	 * cm.journal_account is written too (x): it is how an account's effects
+	 * are found (cm_account_history).
 	 */
 	return psprintf(
 		"WITH b AS MATERIALIZED (\n"
