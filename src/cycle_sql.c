@@ -309,6 +309,30 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"    FROM pg_catalog.pg_attribute a"
 		"   WHERE a.attrelid IN (%3$u, %4$u) AND a.attnum > 0 AND NOT a.attisdropped"
 		"),"
+		/*
+		 * Several rows of the batch claiming one uuid (spelled alike or
+		 * not) that the ledger does not hold yet: the lowest queue_id
+		 * claims it, so the upsert below never meets an id twice.  Both
+		 * this and the accounts found by the account step (poison) are
+		 * computed once: as subqueries joined by nested loop (a small
+		 * batch), they were aggregated again for every row of the batch.
+		 */
+		" claim AS MATERIALIZED ("
+		"  SELECT cm.try_uuid(d.uuid) AS id, min(d.queue_id) AS queue_id"
+		"    FROM cm.batch d"
+		"   GROUP BY 1 HAVING min(d.queue_id) <> max(d.queue_id)"
+		"),"
+		/*
+		 * An account found by the account step: all its effects are
+		 * dead-lettered, or (debits_only) only those that take an amount
+		 * from it.  An account may be found twice over the redos.
+		 */
+		" poison AS MATERIALIZED ("
+		"  SELECT u.accountid, (array_agg(u.reason ORDER BY u.debits_only))[1] AS reason,"
+		"         bool_and(u.debits_only) AS debits_only"
+		"    FROM unnest($3::text[], $4::text[], $5::bool[]) AS u(accountid, reason, debits_only)"
+		"   GROUP BY u.accountid"
+		"),"
 		" x AS ("
 		"  SELECT b.queue_id, b.uuid AS uuid_text, cm.try_uuid(b.uuid) AS id, b.accountid,"
 		"         b.transaction_type, b.tier_1, b.tier_2, b.tier_3, b.status,"
@@ -338,27 +362,10 @@ cm_sql_process(const char *portfolios, const char *transactions,
 		"    LEFT JOIN cm.status_map m ON m.queue_status = b.status"
 		"    LEFT JOIN %1$s p ON p.accountid = b.accountid"
 		"    LEFT JOIN cm.ledger l ON l.uuid = cm.try_uuid(b.uuid)"
-		/*
-		 * Several rows of the batch claiming one uuid (spelled alike or
-		 * not) that the ledger does not hold yet: the lowest queue_id
-		 * claims it, so the upsert below never meets an id twice.
-		 */
-		"    LEFT JOIN (SELECT cm.try_uuid(d.uuid) AS id, min(d.queue_id) AS queue_id"
-		"                 FROM cm.batch d"
-		"                GROUP BY 1 HAVING min(d.queue_id) <> max(d.queue_id)) claim"
-		"           ON claim.id = cm.try_uuid(b.uuid)"
+		"    LEFT JOIN claim ON claim.id = cm.try_uuid(b.uuid)"
 		"   CROSS JOIN (SELECT coalesce((SELECT s.effect_policy FROM cm.source s WHERE s.source_id = $1),"
 		"                               'market_delta') AS pol) src"
-		/*
-		 * An account found by the account step: all its effects are
-		 * dead-lettered, or (debits_only) only those that take an amount
-		 * from it.  An account may be found twice over the redos.
-		 */
-		"    LEFT JOIN (SELECT u.accountid, (array_agg(u.reason ORDER BY u.debits_only))[1] AS reason,"
-		"                      bool_and(u.debits_only) AS debits_only"
-		"                 FROM unnest($3::text[], $4::text[], $5::bool[]) AS u(accountid, reason, debits_only)"
-		"                GROUP BY u.accountid) poison"
-		"           ON poison.accountid = b.accountid"
+		"    LEFT JOIN poison ON poison.accountid = b.accountid"
 		/*
 		 * A request the ledger does not know but portfolio_transactions
 		 * already holds (written by the service this extension replaces, by
