@@ -186,23 +186,6 @@ static int	max_stage_plans = 0;
 #define CM_MAX_ISOLATED 1000
 
 static SPIPlanPtr process_plan = NULL;
-static SPIPlanPtr process_small_plan = NULL;	/* the same, a generic plan */
-static char *process_sql = NULL;	/* its text, in TopMemoryContext */
-static double small_plan_ledger = 0;	/* cm.ledger's rows when it was made */
-
-/*
- * The generic plan of the processing statement serves batches of up to
- * this many rows (a steady cycle), and is made again once the ledger holds
- * more than twice the rows it held when the plan was made: a plan kept from
- * a small ledger can take it the wrong way round once it has grown (tried
- * without this: a 5,000-row cycle of a bounded catch-up took 10 s instead
- * of 0.1 s).  Larger batches are planned for their size.
- */
-#define CM_SMALL_BATCH_GENERIC 1000
-
-/* The processing statement's parameters (cm_sql_process). */
-static Oid	process_argtypes[6] = {INT4OID, NUMERICARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
-BOOLARRAYOID, INT8OID};
 
 static SPIPlanPtr accounts_plan = NULL;
 static SPIPlanPtr accounts_payload_plan = NULL;
@@ -454,18 +437,18 @@ revalidate_stage_plans(void)
  * the one that locks the accounts beforehand.  It is planned
  * afresh at each execution (CURSOR_OPT_CUSTOM_PLAN): the batch it reads
  * holds a handful of rows in a steady cycle and millions in a catch-up,
- * and each deserves its own join strategy.  process_small_plan is the same
- * statement with a generic plan, for the small batches joined by key
- * (process_batch): planning it again cost a steady cycle of 100 rows a
- * sixth of its time.
+ * and each deserves its own join strategy.  (A kept generic plan for the
+ * batches of a steady cycle would spare a sixth of a 100-row cycle; tried
+ * twice, it ran such a cycle in 0.4 s instead of 20 ms, once the tables
+ * had changed since it was made.)
  */
 static SPIPlanPtr
 get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 {
 	Oid			portfolios = cm_target_relid("user_portfolios", false);
 	Oid			transactions = cm_target_relid("portfolio_transactions", false);
+	Oid			argtypes[6] = {INT4OID, NUMERICARRAYOID, TEXTARRAYOID, TEXTARRAYOID, BOOLARRAYOID, INT8OID};
 	Oid			cyclearg[1] = {INT8OID};
-	char	   *sql;
 	char	   *portfolios_name;
 	char	   *transactions_name;
 
@@ -475,8 +458,6 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 	{
 		if (process_plan != NULL)
 			SPI_freeplan(process_plan);
-		if (process_small_plan != NULL)
-			SPI_freeplan(process_small_plan);
 		if (accounts_plan != NULL)
 			SPI_freeplan(accounts_plan);
 		if (accounts_payload_plan != NULL)
@@ -485,21 +466,16 @@ get_process_plan(SPIPlanPtr *accounts, SPIPlanPtr *lock)
 			SPI_freeplan(lock_plan);
 		if (accounts_subset_plan != NULL)
 			SPI_freeplan(accounts_subset_plan);
-		process_plan = process_small_plan = NULL;
-		small_plan_ledger = 0;
-		if (process_sql != NULL)
-			pfree(process_sql);
-		process_sql = NULL;
+		process_plan = NULL;
 		accounts_plan = accounts_payload_plan = lock_plan = accounts_subset_plan = NULL;
 
 		portfolios_name = quote_qualified_identifier(get_namespace_name(get_rel_namespace(portfolios)),
 													 get_rel_name(portfolios));
 		transactions_name = quote_qualified_identifier(get_namespace_name(get_rel_namespace(transactions)),
 													   get_rel_name(transactions));
-		sql = cm_sql_process(portfolios_name, transactions_name, portfolios, transactions);
-		process_plan = prepare_kept(sql, 6, process_argtypes, CURSOR_OPT_CUSTOM_PLAN);
-		process_small_plan = prepare_kept(sql, 6, process_argtypes, CURSOR_OPT_GENERIC_PLAN);
-		process_sql = MemoryContextStrdup(TopMemoryContext, sql);
+		process_plan = prepare_kept(cm_sql_process(portfolios_name, transactions_name,
+												   portfolios, transactions),
+									6, argtypes, CURSOR_OPT_CUSTOM_PLAN);
 		accounts_plan = prepare_kept(cm_sql_apply_accounts(portfolios_name,
 														   get_attnum(portfolios, "updated_at") != InvalidAttrNumber,
 														   false, false),
@@ -856,7 +832,6 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	SPIPlanPtr	accounts;
 	SPIPlanPtr	lock;
 	SPIPlanPtr	plan;
-	double		ledger;
 	int			save_nestlevel = 0;
 	int64		rows;
 
@@ -880,25 +855,8 @@ process_batch(int32 source_id, Datum deltas, const Poison *poison, CmCycleResult
 	 * order of size) is planned as the planner likes.
 	 */
 	plan = get_process_plan(&accounts, &lock);
-	ledger = ledger_rows();
-	if ((double) batch_rows * 10.0 < ledger)
-	{
+	if ((double) batch_rows * 10.0 < ledger_rows())
 		save_nestlevel = plan_by_keys(false, true);
-		if (batch_rows <= CM_SMALL_BATCH_GENERIC)
-		{
-			if (small_plan_ledger > 0 && ledger > 2.0 * small_plan_ledger)
-			{
-				SPI_freeplan(process_small_plan);
-				process_small_plan = NULL;
-				process_small_plan = prepare_kept(process_sql, 6, process_argtypes,
-												  CURSOR_OPT_GENERIC_PLAN);
-				small_plan_ledger = 0;
-			}
-			if (small_plan_ledger == 0)
-				small_plan_ledger = ledger;
-			plan = process_small_plan;
-		}
-	}
 	run_plan(plan, values, nulls, SPI_OK_SELECT);
 	if (save_nestlevel > 0)
 		AtEOXact_GUC(true, save_nestlevel);
