@@ -1420,6 +1420,26 @@ stage_source_step(void *arg)
  *		or drops a broken connection at the end of the transaction.  Any
  *		other error propagates.
  */
+/*
+ * forget_read
+ *		Forget what a rolled back read of a source did: what it staged and
+ *		closed, where it got to, and when it last looked for the rows with
+ *		no place in the order of updated_at (those it staged went too, so
+ *		the next read looks again).
+ */
+static void
+forget_read(Source *src)
+{
+	int			i;
+
+	src->staged[0] = src->staged[1] = 0;
+	src->closed = 0;
+	src->has_newest_read = false;
+	for (i = 0; i < n_stage_plans; i++)
+		if (stage_plans[i].source_id == src->source_id)
+			stage_plans[i].unplaceable_read = 0;
+}
+
 static ErrorData *
 try_stage_source(Source *src, CmCycleResult *result)
 {
@@ -1429,9 +1449,7 @@ try_stage_source(Source *src, CmCycleResult *result)
 
 	if (failure != NULL)
 	{
-		src->staged[0] = src->staged[1] = 0;
-		src->closed = 0;
-		src->has_newest_read = false;
+		forget_read(src);
 		result->rows_read = rows_read;
 	}
 	return failure;
@@ -1600,27 +1618,16 @@ stage_sources(Source *sources, int nsources, CmCycleResult *result)
 	{
 		StageAllWork w = {sources, nsources, result};
 		CmCycleResult before = *result;
-		TimestampTz *unplaceable_read = palloc(sizeof(TimestampTz) * Max(n_stage_plans, 1));
-		int			nplans = n_stage_plans;
-		ErrorData  *e;
+		ErrorData  *e = try_step(stage_all_step, &w, source_error_is_its_own);
 
-		for (i = 0; i < nplans; i++)
-			unplaceable_read[i] = stage_plans[i].unplaceable_read;
-		e = try_step(stage_all_step, &w, source_error_is_its_own);
 		if (e == NULL)
 			return;
 		FreeErrorData(e);
 		/* forget what the rolled back read did; read each source alone */
 		*result = before;
 		progress_rows = result->rows_read;
-		for (i = 0; i < n_stage_plans; i++)
-			stage_plans[i].unplaceable_read = i < nplans ? unplaceable_read[i] : 0;
 		for (i = 0; i < nsources; i++)
-		{
-			sources[i].staged[0] = sources[i].staged[1] = 0;
-			sources[i].closed = 0;
-			sources[i].has_newest_read = false;
-		}
+			forget_read(&sources[i]);
 	}
 	for (i = 0; i < nsources; i++)
 		stage_source_alone(&sources[i], result);
