@@ -169,6 +169,18 @@ for my $t (@tables)
 	  or diag("cm.$t: $rows rows before, $missing missing or changed");
 }
 
+# the foreign tables 1.0 attached get 1.1's options (a reconciliation's
+# checksums run on queue-db while the local ones are computed)
+is( $node->safe_psql(
+		'portfolio', q{
+	SELECT string_agg(format('%s:%s', s.table_name,
+	                         (SELECT string_agg(o, ',' ORDER BY o) FROM unnest(t.ftoptions) o
+	                           WHERE o LIKE ANY (ARRAY['async_capable=%', 'fetch_size=%', 'updatable=%']))), ' ' ORDER BY s.source_id)
+	  FROM cm.source s JOIN pg_foreign_table t ON t.ftrelid = format('%I.%I', s.table_schema, s.table_name)::regclass}),
+	'queue_server_investment_queue:async_capable=true,fetch_size=10000,updatable=false '
+	  . 'queue_server_withdrawal_queue:async_capable=true,fetch_size=10000,updatable=false',
+	'the foreign tables attached by 1.0 are made async_capable by the update, their other options kept');
+
 # the dead letter's cause is fixed: its account now exists
 $node->safe_psql(
 	'portfolio', q{

@@ -12,7 +12,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(44);
+SELECT plan(47);
 
 \ir lib/helpers.sql
 
@@ -216,6 +216,19 @@ SELECT pg_temp.explain(cm.reconcile_queue_sql(s, 1023, now(), '{1006}')) AS plan
 SELECT matches(:'plan'::text,
     '^Foreign Scan\n  Output: .*\n  Relations: Aggregate on \(cm_remote.queue_server_investment_queue q\)\n  Remote SQL: SELECT \(hashtextextended\(uuid::text, 0::bigint\) & 1023::bigint\), count\(\*\), bit_xor\(hash_numeric_extended\(round\(tier_3, 2\), hash_numeric_extended\(round\(tier_2, 2\), hash_numeric_extended\(round\(tier_1, 2\), hashtextextended\(\(account_number::text \|\| ''#INVEST#''::text\), hashtextextended\(uuid::text, 0::bigint\)\)\)\)\)\), bit_xor\(hashtextextended\(status::text, hashint8extended\(queue_id::bigint, 0::bigint\)\)\) FROM public.investment_queue WHERE \(\(updated_at <= .*\)\) AND \(\(queue_id::bigint <> ALL \(''\{1006\}''::bigint\[\]\)\)\) GROUP BY 1\n$',
     'EXPLAIN VERBOSE: queue-db computes the count, the image hash and the version hash per bucket; nothing is left to do locally');
+-- one statement computes every side's checksums: queue-db's run while the local ones are computed
+SELECT pg_temp.explain(cm.reconcile_sums_sql(0, array_agg(s ORDER BY s.source_id), 1023, array_agg(now() ORDER BY s.source_id))) AS sums_plan,
+       count(*) AS sources
+  FROM cm.source s WHERE s.enabled \gset
+SELECT is((SELECT count(*) FROM regexp_matches(:'sums_plan'::text, '->  Async Foreign Scan\n[^\n]*\n  +Relations: Aggregate on [^\n]*\n  +Remote SQL: SELECT \(\(hashtextextended\(uuid::text, 0::bigint\) & 1023::bigint\) \| [0-9]+::bigint\), count\(\*\), bit_xor\(', 'g')),
+          :sources::bigint,
+    'EXPLAIN VERBOSE: each source''s checksums are one remote aggregate, run asynchronously, its side and source computed by queue-db');
+SELECT is((SELECT count(*) FROM regexp_matches(:'sums_plan'::text, '->  Foreign Scan', 'g')), 0::bigint,
+    'EXPLAIN VERBOSE: no remote aggregate waits for the local ones');
+SELECT is_empty($$
+    SELECT s.source_id FROM cm.source s JOIN pg_foreign_table t ON t.ftrelid = format('%I.%I', s.table_schema, s.table_name)::regclass
+     WHERE NOT 'async_capable=true' = ANY (t.ftoptions)$$,
+    'cm_attach_queue() makes the foreign tables async_capable');
 SELECT pg_temp.explain(format('SELECT q.queue_id FROM cm_remote.queue_server_investment_queue q WHERE (%s & 1023) = ANY (%L::bigint[])',
                               cm.reconcile_key_sql('q.uuid::text'), '{1,5,17}')) AS fetch_plan \gset
 SELECT matches(:'fetch_plan'::text,

@@ -221,6 +221,43 @@ REVOKE ALL ON FUNCTION cm.sync_role_health() FROM PUBLIC;
 -- cm_attach_queue() checks its caller -----------------------------------------
 
 /*
+ * The options cm_attach_queue() gives the foreign table of a queue table
+ * (ADD or SET each, from the options it has): a page is read in one round
+ * trip (fetch_size), queue-db is only ever read (updatable), and a
+ * reconciliation's checksum statement runs on queue-db while the local
+ * checksums are computed (async_capable; see 40_reconcile.sql).
+ */
+CREATE FUNCTION cm.foreign_table_options(opts text[])
+    RETURNS text
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT string_agg(format('%s %s %L',
+                             CASE WHEN EXISTS (SELECT 1 FROM unnest(opts) o WHERE o LIKE v.name || '=%')
+                                  THEN 'SET' ELSE 'ADD' END, v.name, v.value), ', ' ORDER BY v.name)
+      FROM (VALUES ('fetch_size', '10000'), ('updatable', 'false'), ('async_capable', 'true')) AS v(name, value)
+$$;
+COMMENT ON FUNCTION cm.foreign_table_options(text[]) IS 'the OPTIONS clause of ALTER FOREIGN TABLE that cm_attach_queue() gives a queue table''s foreign table: fetch_size 10000, updatable false, async_capable true';
+REVOKE ALL ON FUNCTION cm.foreign_table_options(text[]) FROM PUBLIC;
+
+-- foreign tables attached by 1.0 get the options too
+DO $$
+DECLARE
+    ft regclass;
+BEGIN
+    FOR ft IN
+        SELECT c.oid FROM cm.source s
+          JOIN pg_catalog.pg_class c ON c.relname = s.table_name
+          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace AND n.nspname = s.table_schema
+         WHERE c.relkind = 'f'
+    LOOP
+        EXECUTE format('ALTER FOREIGN TABLE %s OPTIONS (%s)', ft,
+                       cm.foreign_table_options((SELECT t.ftoptions FROM pg_catalog.pg_foreign_table t WHERE t.ftrelid = ft)));
+    END LOOP;
+END
+$$;
+
+/*
  * The columns of a queue table the sync cycle reads, and the types it can
  * use for each: cm.attach_queue checks them when it imports a queue table,
  * cm.reimport_source (35_type_drift.sql) when queue-db changed one.
@@ -335,13 +372,11 @@ BEGIN
             END IF;
         END LOOP;
 
-        -- pages are read in one round trip each; queue-db is only ever read
+        -- pages are read in one round trip each; queue-db is only ever read;
+        -- a reconciliation's checksums run on queue-db while it computes the
+        -- local ones (async_capable: see 40_reconcile.sql)
         SELECT t.ftoptions INTO opts FROM pg_foreign_table t WHERE t.ftrelid = ft;
-        EXECUTE format('ALTER FOREIGN TABLE %s OPTIONS (%s fetch_size %L, %s updatable %L)', ft,
-                       CASE WHEN EXISTS (SELECT 1 FROM unnest(opts) o WHERE o LIKE 'fetch_size=%')
-                            THEN 'SET' ELSE 'ADD' END, '10000',
-                       CASE WHEN EXISTS (SELECT 1 FROM unnest(opts) o WHERE o LIKE 'updatable=%')
-                            THEN 'SET' ELSE 'ADD' END, 'false');
+        EXECUTE format('ALTER FOREIGN TABLE %s OPTIONS (%s)', ft, cm.foreign_table_options(opts));
 
         INSERT INTO cm.source AS s (server_name, remote_schema, remote_table, table_name, layout, account_column)
         VALUES (server, remote_schema, cand.remote_table, local, cand.layout, cand.account_column)

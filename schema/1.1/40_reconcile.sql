@@ -34,6 +34,10 @@
  *     of the application) make more than one bucket in 16 differ,
  *     portfolio_transactions is aggregated again, restricted to the rows the
  *     ledger says came from the sources compared.
+ *     The checksums of every side are computed by one statement whose
+ *     remote aggregates run on queue-db while the local ones run here
+ *     (cm.reconcile_sums_sql()); a second pass over the ledger, only when
+ *     something differs, picks the entries to compare one by one.
  *  4. The rows of the differing buckets are fetched (one remote statement
  *     per source) and compared one by one with their ledger entries and
  *     portfolio_transactions rows, which gives each difference its kind and
@@ -253,12 +257,38 @@ COMMENT ON FUNCTION cm.reconcile_source_sql(cm.source) IS 'the foreign table, ac
 REVOKE ALL ON FUNCTION cm.reconcile_source_sql(cm.source) FROM PUBLIC;
 
 /*
+ * The checksums of every side are computed by one statement, so that
+ * queue-db's work overlaps the local work: an Append whose first members
+ * are the sources' checksum statements (one remote aggregate each) and whose
+ * last are the aggregates of portfolio_transactions and of cm.ledger.  The
+ * foreign tables that cm_attach_queue() creates are async_capable, so
+ * postgres_fdw sends each remote aggregate when the Append starts and reads
+ * its result once the local aggregates are done (EXPLAIN shows "Async
+ * Foreign Scan"; a foreign table without the option is read in turn, which
+ * costs time, not correctness).  The members of an Append have the same
+ * columns, (t, n, a, b), and t tells them apart: its bits 0-15 are the
+ * bucket, 16-46 the source, 47 whether a ledger entry of the bucket has an
+ * applied flag that disagrees with its status, and 48-49 the side (1
+ * queue, 2 ledger, 3 portfolio).  A remote member computes its t on
+ * queue-db, in its GROUP BY: a projection above a foreign scan would keep
+ * it from running asynchronously.
+ */
+CREATE FUNCTION cm.reconcile_tag(side integer, source_id integer)
+    RETURNS bigint
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$ SELECT (side::bigint << 48) | (source_id::bigint << 16) $$;
+COMMENT ON FUNCTION cm.reconcile_tag(integer, integer) IS 'the high bits of a bucket number in the checksum statement of a reconciliation: side (1 queue, 2 ledger, 3 portfolio) and source';
+REVOKE ALL ON FUNCTION cm.reconcile_tag(integer, integer) FROM PUBLIC;
+
+/*
  * The checksum statement of a source on queue-db: per bucket, count(*),
  * the image hash and the version hash of its settled rows, dead letters
- * left out.  Its text is what cm_reconcile() runs (and what a test
+ * left out; with a tag, the bucket number carries it (computed on
+ * queue-db).  Its text is what cm_reconcile() runs (and what a test
  * EXPLAINs).
  */
-CREATE FUNCTION cm.reconcile_queue_sql(src cm.source, mask bigint, horizon timestamptz, dead bigint[])
+CREATE FUNCTION cm.reconcile_queue_sql(src cm.source, mask bigint, horizon timestamptz, dead bigint[], tag bigint DEFAULT 0)
     RETURNS text
     LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
@@ -267,7 +297,7 @@ DECLARE
     tx  regclass := cm.target_table('portfolio_transactions');
     key text := cm.reconcile_key_sql('q.uuid::text');
 BEGIN
-    RETURN format('SELECT %1$s & %2$s AS b, count(*) AS n, bit_xor(%3$s) AS image, bit_xor(%4$s) AS version'
+    RETURN format('SELECT %1$s & %2$s%8$s AS t, count(*) AS n, bit_xor(%3$s) AS a, bit_xor(%4$s) AS b'
                   '  FROM %5$s q WHERE q.updated_at <= %6$L::timestamptz %7$s GROUP BY 1',
                   key, mask,
                   cm.reconcile_image_sql(key, cm.reconcile_account_kind_sql(src),
@@ -276,11 +306,12 @@ BEGIN
                                          format('round(q.tier_3, %s)', coalesce(cm.column_scale(tx, 'tier3_change'), 8))),
                   cm.reconcile_version_sql('q.queue_id::bigint', 'q.status::text'),
                   (SELECT r.ft FROM cm.reconcile_source_sql(src) r), horizon,
-                  CASE WHEN dead IS NULL THEN '' ELSE format('AND q.queue_id::bigint <> ALL (%L::bigint[])', dead) END);
+                  CASE WHEN dead IS NULL THEN '' ELSE format('AND q.queue_id::bigint <> ALL (%L::bigint[])', dead) END,
+                  CASE WHEN tag = 0 THEN '' ELSE format(' | %s', tag) END);
 END
 $$;
-COMMENT ON FUNCTION cm.reconcile_queue_sql(cm.source, bigint, timestamptz, bigint[]) IS 'the checksum statement of a reconciliation on a source''s foreign table (per bucket: count, image hash, version hash), which postgres_fdw ships to queue-db whole';
-REVOKE ALL ON FUNCTION cm.reconcile_queue_sql(cm.source, bigint, timestamptz, bigint[]) FROM PUBLIC;
+COMMENT ON FUNCTION cm.reconcile_queue_sql(cm.source, bigint, timestamptz, bigint[], bigint) IS 'the checksum statement of a reconciliation on a source''s foreign table (per bucket: count, image hash, version hash), which postgres_fdw ships to queue-db whole';
+REVOKE ALL ON FUNCTION cm.reconcile_queue_sql(cm.source, bigint, timestamptz, bigint[], bigint) FROM PUBLIC;
 
 /* the read position of a source: settled rows end at horizon, the next read starts at read_from */
 CREATE FUNCTION cm.reconcile_horizon(src cm.source, OUT horizon timestamptz, OUT read_from timestamptz)
@@ -303,130 +334,184 @@ COMMENT ON FUNCTION cm.reconcile_horizon(cm.source) IS 'where the settled rows o
 REVOKE ALL ON FUNCTION cm.reconcile_horizon(cm.source) FROM PUBLIC;
 
 /*
- * Step 1 for one source: its checksums on queue-db, into cm.reconcile_sum.
- * Returns the rows they cover (dead letters counted in).
+ * The settled ledger entries of the sources compared, as a FROM item l
+ * with k, the key hash of each entry: no later than its source's read
+ * position, dead letters left out.
  */
-CREATE FUNCTION cm.reconcile_queue(run bigint, src cm.source, mask bigint, horizon timestamptz)
-    RETURNS bigint
-    LANGUAGE plpgsql VOLATILE
+CREATE FUNCTION cm.reconcile_ledger_from(srcs cm.source[], horizons timestamptz[])
+    RETURNS text
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
     AS $$
 DECLARE
-    ft   text;
-    dead bigint[];
-    n    bigint;
+    ids   integer[] := '{}';
+    whens text := '';
+    i     integer;
 BEGIN
-    SELECT r.ft INTO ft FROM cm.reconcile_source_sql(src) r;
-    IF to_regclass(ft) IS NULL THEN
-        RAISE EXCEPTION 'the foreign table % of source % does not exist', ft, src.source_id
-            USING ERRCODE = 'undefined_table',
-                  HINT = 'Run SELECT cm_attach_queue(server) again, or disable the source (UPDATE cm.source SET enabled = false).';
-    END IF;
-    -- the dead letters are reported from cm.dead_letter: left out of the checksums
-    SELECT array_agg(d.queue_id ORDER BY d.queue_id) INTO dead FROM cm.dead_letter d WHERE d.source_id = src.source_id;
-    EXECUTE format('INSERT INTO cm.reconcile_sum (run_id, side, source_id, bucket, n, image, version)'
-                   ' SELECT %s, ''queue'', %s, r.b, r.n, r.image, r.version FROM (%s) r',
-                   run, src.source_id, cm.reconcile_queue_sql(src, mask, horizon, dead));
-    SELECT coalesce(sum(s.n), 0) INTO n FROM cm.reconcile_sum s
-     WHERE s.run_id = run AND s.side = 'queue' AND s.source_id = src.source_id;
-    RETURN n + coalesce(cardinality(dead), 0);
+    FOR i IN 1 .. cardinality(srcs) LOOP
+        ids := ids || srcs[i].source_id;
+        whens := whens || format(' WHEN %s THEN %L::timestamptz', srcs[i].source_id, horizons[i]);
+    END LOOP;
+    -- only the columns used: the ledger's rows are wide (factors, amounts)
+    RETURN format('(SELECT %s AS k, l.source_id, l.queue_id, l.status, l.applied FROM cm.ledger l'
+                  '  WHERE l.source_id = ANY (%L::integer[]) AND l.updated_at <= CASE l.source_id%s END %s OFFSET 0) l',
+                  cm.reconcile_key_sql('l.uuid::text'), ids, whens,
+                  CASE WHEN EXISTS (SELECT 1 FROM cm.dead_letter d WHERE d.source_id = ANY (ids))
+                       THEN 'AND NOT EXISTS (SELECT 1 FROM cm.dead_letter d WHERE d.source_id = l.source_id AND d.queue_id = l.queue_id)'
+                       ELSE '' END);
 END
 $$;
-COMMENT ON FUNCTION cm.reconcile_queue(bigint, cm.source, bigint, timestamptz) IS 'the checksums per bucket of a source''s settled queue rows, computed by queue-db, into cm.reconcile_sum; returns the rows covered';
-REVOKE ALL ON FUNCTION cm.reconcile_queue(bigint, cm.source, bigint, timestamptz) FROM PUBLIC;
+COMMENT ON FUNCTION cm.reconcile_ledger_from(cm.source[], timestamptz[]) IS 'the settled ledger entries of the sources a reconciliation compares, with their key hash, as a FROM item';
+REVOKE ALL ON FUNCTION cm.reconcile_ledger_from(cm.source[], timestamptz[]) FROM PUBLIC;
 
 /*
- * Step 2: the checksums of portfolio_transactions (all its rows, or with
- * restrict, those the ledger says came from the sources): per bucket
- * count(*), the image hash, and the hash of (key, status).  Returns the
- * buckets whose count or image differ from those of the queue tables (or
- * hold a NULL).
+ * The portfolio_transactions rows a reconciliation compares (all, or with
+ * restrict those the ledger says came from the sources), dead letters of
+ * the sources left out, as an aggregate per bucket: t (tagged with side 3),
+ * count(*), the image hash (NULL when a row's is), the hash of (key, status).
  */
-CREATE FUNCTION cm.reconcile_portfolio(run bigint, ids integer[], mask bigint, restrict boolean)
-    RETURNS bigint[]
-    LANGUAGE plpgsql VOLATILE
+CREATE FUNCTION cm.reconcile_portfolio_sql(ids integer[], mask bigint, restrict boolean)
+    RETURNS text
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
     AS $$
 DECLARE
-    tx   regclass := cm.target_table('portfolio_transactions');
     dead uuid[];
-    out  bigint[];
 BEGIN
     SELECT array_agg(u) INTO dead
       FROM (SELECT cm.try_uuid(d.uuid) AS u FROM cm.dead_letter d WHERE d.source_id = ANY (ids)) d
      WHERE u IS NOT NULL;
-    DELETE FROM cm.reconcile_sum s WHERE s.run_id = run AND s.side = 'portfolio';
-    EXECUTE format('INSERT INTO cm.reconcile_sum (run_id, side, source_id, bucket, n, image, status)'
-                   ' SELECT %1$s, ''portfolio'', 0, p.k & %2$s, count(*),'
-                   '        CASE WHEN count(p.image) = count(*) THEN bit_xor(p.image) END, bit_xor(p.status)'
-                   '   FROM (SELECT p.k, %3$s AS image, hashtextextended(p.status::text, p.k) AS status'
-                   '           FROM (SELECT %4$s AS k, p.* FROM %5$s p WHERE true %6$s %7$s OFFSET 0) p OFFSET 0) p'
-                   '  GROUP BY 4',
-                   run, mask,
-                   cm.reconcile_image_sql('p.k', '(p.accountid::text || ''#'' || p.transaction_type::text || ''#'')',
-                                          'abs(p.tier1_change)', 'abs(p.tier2_change)', 'abs(p.tier3_change)'),
-                   cm.reconcile_key_sql('p.id::text'), tx,
-                   CASE WHEN dead IS NULL THEN '' ELSE format('AND p.id <> ALL (%L::uuid[])', dead) END,
-                   CASE WHEN restrict
-                        THEN format('AND EXISTS (SELECT 1 FROM cm.ledger l WHERE l.uuid = p.id AND l.source_id = ANY (%L::integer[]))', ids)
-                        ELSE '' END);
-    SELECT array_agg(coalesce(q.bucket, p.bucket) ORDER BY 1) INTO out
-      FROM (SELECT s.bucket, sum(s.n) AS n, bit_xor(s.image) AS image FROM cm.reconcile_sum s
-             WHERE s.run_id = run AND s.side = 'queue' GROUP BY s.bucket) q
-      FULL JOIN (SELECT s.bucket, s.n, s.image FROM cm.reconcile_sum s
-                  WHERE s.run_id = run AND s.side = 'portfolio') p ON p.bucket = q.bucket
-     WHERE (q.n, q.image) IS DISTINCT FROM (p.n, p.image) OR (p.bucket IS NOT NULL AND p.image IS NULL);
-    RETURN out;
+    RETURN format('SELECT (p.k & %1$s) | %2$s AS t, count(*) AS n,'
+                  '       CASE WHEN count(p.image) = count(*) THEN bit_xor(p.image) END AS a, bit_xor(p.status) AS b'
+                  '  FROM (SELECT p.k, %3$s AS image, hashtextextended(p.status::text, p.k) AS status'
+                  '          FROM (SELECT %4$s AS k, p.accountid, p.transaction_type, p.tier1_change, p.tier2_change,'
+                  '                       p.tier3_change, p.status FROM %5$s p WHERE true %6$s %7$s OFFSET 0) p) p'
+                  ' GROUP BY p.k & %1$s',
+                  mask, cm.reconcile_tag(3, 0),
+                  cm.reconcile_image_sql('p.k', '(p.accountid::text || ''#'' || p.transaction_type::text || ''#'')',
+                                         'abs(p.tier1_change)', 'abs(p.tier2_change)', 'abs(p.tier3_change)'),
+                  cm.reconcile_key_sql('p.id::text'), cm.target_table('portfolio_transactions'),
+                  CASE WHEN dead IS NULL THEN '' ELSE format('AND p.id <> ALL (%L::uuid[])', dead) END,
+                  CASE WHEN restrict
+                       THEN format('AND EXISTS (SELECT 1 FROM cm.ledger l WHERE l.uuid = p.id AND l.source_id = ANY (%L::integer[]))', ids)
+                       ELSE '' END);
 END
 $$;
-COMMENT ON FUNCTION cm.reconcile_portfolio(bigint, integer[], bigint, boolean) IS 'the checksums per bucket of portfolio_transactions, into cm.reconcile_sum; returns the buckets whose count or image differ from those of the queue tables';
-REVOKE ALL ON FUNCTION cm.reconcile_portfolio(bigint, integer[], bigint, boolean) FROM PUBLIC;
+COMMENT ON FUNCTION cm.reconcile_portfolio_sql(integer[], bigint, boolean) IS 'the checksums per bucket of portfolio_transactions in a reconciliation (count, image hash, status hash), as a statement';
+REVOKE ALL ON FUNCTION cm.reconcile_portfolio_sql(integer[], bigint, boolean) FROM PUBLIC;
 
 /*
- * Step 3 for one source: the ledger's checksums (no network, no join) into
- * cm.reconcile_sum: per bucket count(*), the version hash, the hash of
- * (key, status mapped through cm.status_map), and whether an entry's
- * applied flag disagrees with its status.  The entries of the buckets that
- * differ already, and those whose applied flag disagrees, are kept to be
- * compared one by one (cm.reconcile_key).
+ * Step 1: the checksum statement of a run: every source's on queue-db, and
+ * portfolio_transactions' and the ledger's (per source: count(*), the
+ * version hash, the hash of (key, status mapped through cm.status_map),
+ * and whether an entry's applied flag disagrees with its status), into
+ * cm.reconcile_sum.  Its text is what cm_reconcile() runs (and what a test
+ * EXPLAINs).
  */
-CREATE FUNCTION cm.reconcile_ledger(run bigint, src cm.source, mask bigint, differing bigint[], horizon timestamptz)
-    RETURNS void
-    LANGUAGE plpgsql VOLATILE
+CREATE FUNCTION cm.reconcile_sums_sql(run bigint, srcs cm.source[], mask bigint, horizons timestamptz[])
+    RETURNS text
+    LANGUAGE plpgsql STABLE
     SET search_path = pg_catalog, pg_temp
     AS $$
 DECLARE
-    dead bigint[];
-    map  text;
+    parts text[] := '{}';
+    dead  bigint[];
+    map   text;
+    i     integer;
 BEGIN
-    SELECT array_agg(d.queue_id ORDER BY d.queue_id) INTO dead FROM cm.dead_letter d WHERE d.source_id = src.source_id;
+    FOR i IN 1 .. cardinality(srcs) LOOP
+        SELECT array_agg(d.queue_id ORDER BY d.queue_id) INTO dead FROM cm.dead_letter d WHERE d.source_id = srcs[i].source_id;
+        parts := parts || cm.reconcile_queue_sql(srcs[i], mask, horizons[i], dead, cm.reconcile_tag(1, srcs[i].source_id));
+    END LOOP;
     SELECT coalesce(format('CASE l.status %s END', string_agg(format('WHEN %L THEN %L', m.queue_status, m.portfolio_status), ' '
                                                               ORDER BY m.queue_status)),
                     'NULL::text')
       INTO map FROM cm.status_map m;
-    EXECUTE format($q$
-        WITH g AS MATERIALIZED (
-                SELECT l.k & %1$s AS b, count(*) AS n, bit_xor(l.version) AS version, bit_xor(l.status) AS status,
-                       bool_or(l.bad) AS bad,
-                       array_agg(l.queue_id) FILTER (WHERE l.bad OR (l.k & %1$s) = ANY (%8$L::bigint[])) AS keys
-                  FROM (SELECT l.k, l.queue_id, (l.status = 'COMPLETED') IS DISTINCT FROM l.applied AS bad,
-                               %2$s AS version, hashtextextended(%9$s, l.k) AS status
-                          FROM (SELECT %3$s AS k, l.* FROM cm.ledger l
-                                 WHERE l.source_id = %4$s AND l.updated_at <= %5$L::timestamptz %6$s OFFSET 0) l) l
-                 GROUP BY 1),
-             keys AS (INSERT INTO cm.reconcile_key (run_id, source_id, queue_id)
-                      SELECT %7$s, %4$s, k FROM g, unnest(g.keys) k)
-        INSERT INTO cm.reconcile_sum (run_id, side, source_id, bucket, n, version, status, bad)
-        SELECT %7$s, 'ledger', %4$s, g.b, g.n, g.version, g.status, g.bad FROM g
-        $q$,
-        mask, cm.reconcile_version_sql('l.queue_id', 'l.status'), cm.reconcile_key_sql('l.uuid::text'),
-        src.source_id, horizon,
-        CASE WHEN dead IS NULL THEN '' ELSE format('AND l.queue_id <> ALL (%L::bigint[])', dead) END,
-        run, coalesce(differing, '{}'), map);
+    parts := parts || format(
+        'SELECT (l.k & %1$s) | %2$s | (l.source_id::bigint << 16) | CASE WHEN bool_or(l.bad) THEN %3$s ELSE 0 END AS t,'
+        '       count(*) AS n, bit_xor(l.version) AS a, bit_xor(l.status) AS b'
+        '  FROM (SELECT l.source_id, l.k, (l.status = ''COMPLETED'') IS DISTINCT FROM l.applied AS bad,'
+        '               %4$s AS version, hashtextextended(%5$s, l.k) AS status FROM %6$s) l'
+        ' GROUP BY l.source_id, l.k & %1$s',
+        mask, cm.reconcile_tag(2, 0), 1::bigint << 47,
+        cm.reconcile_version_sql('l.queue_id', 'l.status'), map, cm.reconcile_ledger_from(srcs, horizons));
+    parts := parts || cm.reconcile_portfolio_sql((SELECT array_agg(s.source_id) FROM unnest(srcs) s), mask, false);
+    RETURN format('INSERT INTO cm.reconcile_sum (run_id, side, source_id, bucket, n, image, version, status, bad)'
+                  ' SELECT %1$s, (ARRAY[''queue'', ''ledger'', ''portfolio''])[s.t >> 48], (s.t >> 16) & 2147483647, s.t & 65535, s.n,'
+                  '        CASE WHEN s.t >> 48 <> 2 THEN s.a END,'
+                  '        CASE s.t >> 48 WHEN 1 THEN s.b WHEN 2 THEN s.a END,'
+                  '        CASE WHEN s.t >> 48 <> 1 THEN s.b END,'
+                  '        (s.t >> 47) & 1 = 1'
+                  '   FROM (%2$s) s',
+                  run, array_to_string(parts, ' UNION ALL '));
 END
 $$;
-COMMENT ON FUNCTION cm.reconcile_ledger(bigint, cm.source, bigint, bigint[], timestamptz) IS 'the checksums per bucket of a source''s ledger entries, into cm.reconcile_sum; keeps the entries of the buckets that differ already, and those whose applied flag disagrees with their status, to be compared one by one';
-REVOKE ALL ON FUNCTION cm.reconcile_ledger(bigint, cm.source, bigint, bigint[], timestamptz) FROM PUBLIC;
+COMMENT ON FUNCTION cm.reconcile_sums_sql(bigint, cm.source[], bigint, timestamptz[]) IS 'the checksum statement of a reconciliation run: per bucket, each source''s on queue-db (run asynchronously), portfolio_transactions'' and the ledger''s, into cm.reconcile_sum';
+REVOKE ALL ON FUNCTION cm.reconcile_sums_sql(bigint, cm.source[], bigint, timestamptz[]) FROM PUBLIC;
+
+/*
+ * The buckets whose count or image differ between the queue tables and
+ * portfolio_transactions (or whose portfolio image holds a NULL).
+ */
+CREATE FUNCTION cm.reconcile_image_differ(run bigint)
+    RETURNS bigint[]
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    SELECT array_agg(coalesce(q.bucket, p.bucket) ORDER BY 1)
+      FROM (SELECT s.bucket, sum(s.n) AS n, bit_xor(s.image) AS image FROM cm.reconcile_sum s
+             WHERE s.run_id = run AND s.side = 'queue' GROUP BY s.bucket) q
+      FULL JOIN (SELECT s.bucket, s.n, s.image FROM cm.reconcile_sum s
+                  WHERE s.run_id = run AND s.side = 'portfolio') p ON p.bucket = q.bucket
+     WHERE (q.n, q.image) IS DISTINCT FROM (p.n, p.image) OR (p.bucket IS NOT NULL AND p.image IS NULL)
+$$;
+COMMENT ON FUNCTION cm.reconcile_image_differ(bigint) IS 'the buckets of a reconciliation run whose count or image differ between the queue tables and portfolio_transactions';
+REVOKE ALL ON FUNCTION cm.reconcile_image_differ(bigint) FROM PUBLIC;
+
+/*
+ * portfolio_transactions' checksums again, restricted to the rows the
+ * ledger says came from the sources (rows of other sources or of the
+ * application made many buckets differ); returns the buckets that differ.
+ */
+CREATE FUNCTION cm.reconcile_portfolio_restricted(run bigint, ids integer[], mask bigint)
+    RETURNS bigint[]
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    DELETE FROM cm.reconcile_sum s WHERE s.run_id = run AND s.side = 'portfolio';
+    EXECUTE format('INSERT INTO cm.reconcile_sum (run_id, side, source_id, bucket, n, image, status)'
+                   ' SELECT %s, ''portfolio'', 0, s.t & 65535, s.n, s.a, s.b FROM (%s) s',
+                   run, cm.reconcile_portfolio_sql(ids, mask, true));
+    RETURN cm.reconcile_image_differ(run);
+END
+$$;
+COMMENT ON FUNCTION cm.reconcile_portfolio_restricted(bigint, integer[], bigint) IS 'the checksums per bucket of the portfolio_transactions rows the ledger says came from the sources, into cm.reconcile_sum; returns the buckets that differ from the queue tables';
+REVOKE ALL ON FUNCTION cm.reconcile_portfolio_restricted(bigint, integer[], bigint) FROM PUBLIC;
+
+/*
+ * The ledger entries compared one by one (cm.reconcile_key): those of the
+ * buckets that differ (which every source's rows are fetched from) and,
+ * per source, those whose applied flag disagrees with their status.  One
+ * more pass over the ledger, made only when something differs.
+ */
+CREATE FUNCTION cm.reconcile_ledger_keys(run bigint, srcs cm.source[], mask bigint, differing bigint[], horizons timestamptz[])
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF cardinality(differing) > 0
+       OR EXISTS (SELECT 1 FROM cm.reconcile_sum s WHERE s.run_id = run AND s.side = 'ledger' AND s.bad) THEN
+        EXECUTE format('INSERT INTO cm.reconcile_key (run_id, source_id, queue_id)'
+                       ' SELECT %s, l.source_id, l.queue_id FROM %s'
+                       '  WHERE (l.k & %s) = ANY (%L::bigint[]) OR (l.status = ''COMPLETED'') IS DISTINCT FROM l.applied',
+                       run, cm.reconcile_ledger_from(srcs, horizons), mask, coalesce(differing, '{}'));
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION cm.reconcile_ledger_keys(bigint, cm.source[], bigint, bigint[], timestamptz[]) IS 'the ledger entries a reconciliation compares one by one, into cm.reconcile_key: those of the differing buckets, and those whose applied flag disagrees with their status';
+REVOKE ALL ON FUNCTION cm.reconcile_ledger_keys(bigint, cm.source[], bigint, bigint[], timestamptz[]) FROM PUBLIC;
 
 /*
  * Step 4 for one source: the rows of the differing buckets (those given,
@@ -647,6 +732,7 @@ DECLARE
     reads    timestamptz[] := '{}';
     mask     bigint;
     differ   bigint[];
+    ft       text;
     i        integer;
 BEGIN
     IF amount_tolerance IS NULL OR amount_tolerance < 0 OR amount_tolerance = 'NaN'::numeric THEN
@@ -676,24 +762,32 @@ BEGIN
       INTO mask
       FROM pg_catalog.pg_class c
      WHERE c.oid IN ('cm.ledger'::regclass, cm.target_table('portfolio_transactions'));
-    rows_compared := 0;
     FOR i IN 1 .. cardinality(srcs) LOOP
         SELECT * INTO r FROM cm.reconcile_horizon(srcs[i]);
         horizons := horizons || r.horizon;
         reads := reads || r.read_from;
-        rows_compared := rows_compared + cm.reconcile_queue(cm_reconcile.run_id, srcs[i], mask, r.horizon);
-        queries := queries + 1;
+        ft := (SELECT x.ft FROM cm.reconcile_source_sql(srcs[i]) x);
+        IF to_regclass(ft) IS NULL THEN
+            RAISE EXCEPTION 'the foreign table % of source % does not exist', ft, srcs[i].source_id
+                USING ERRCODE = 'undefined_table',
+                      HINT = 'Run SELECT cm_attach_queue(server) again, or disable the source (UPDATE cm.source SET enabled = false).';
+        END IF;
     END LOOP;
+    rows_compared := 0;
     IF cardinality(srcs) > 0 THEN
-        differ := cm.reconcile_portfolio(cm_reconcile.run_id, ids, mask, false);
+        -- every side's checksums at once: queue-db's overlap the local ones
+        EXECUTE cm.reconcile_sums_sql(cm_reconcile.run_id, srcs, mask, horizons);
+        queries := queries + cardinality(srcs);
+        -- the queue rows covered, dead letters counted in
+        SELECT coalesce(sum(s.n), 0) INTO rows_compared FROM cm.reconcile_sum s
+         WHERE s.run_id = cm_reconcile.run_id AND s.side = 'queue';
+        rows_compared := rows_compared + (SELECT count(*) FROM cm.dead_letter d WHERE d.source_id = ANY (ids));
+        differ := cm.reconcile_image_differ(cm_reconcile.run_id);
         -- rows of other sources or of the application make many buckets
         -- differ: compare only the rows the ledger says came from these sources
         IF cardinality(differ) > greatest(8, (mask + 1) / 16) THEN
-            differ := cm.reconcile_portfolio(cm_reconcile.run_id, ids, mask, true);
+            differ := cm.reconcile_portfolio_restricted(cm_reconcile.run_id, ids, mask);
         END IF;
-        FOR i IN 1 .. cardinality(srcs) LOOP
-            PERFORM cm.reconcile_ledger(cm_reconcile.run_id, srcs[i], mask, differ, horizons[i]);
-        END LOOP;
         -- the statuses: the ledger's, mapped, against portfolio_transactions'
         SELECT array_agg(DISTINCT b) INTO differ
           FROM (SELECT unnest(differ) AS b
@@ -704,6 +798,7 @@ BEGIN
                   FULL JOIN (SELECT s.bucket, s.status FROM cm.reconcile_sum s
                               WHERE s.run_id = cm_reconcile.run_id AND s.side = 'portfolio') p ON p.bucket = l.bucket
                  WHERE l.status IS DISTINCT FROM p.status) d;
+        PERFORM cm.reconcile_ledger_keys(cm_reconcile.run_id, srcs, mask, differ, horizons);
     END IF;
     FOR i IN 1 .. cardinality(srcs) LOOP
         SELECT * INTO r FROM cm.reconcile_source(cm_reconcile.run_id, srcs[i], cm_reconcile.amount_tolerance, mask,
