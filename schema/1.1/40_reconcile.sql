@@ -36,12 +36,13 @@
  *     ledger says came from the sources compared.
  *     The checksums of every side are computed by one statement whose
  *     remote aggregates run on queue-db while the local ones run here
- *     (cm.reconcile_sums_sql()); a second pass over the ledger, only when
- *     something differs, picks the entries to compare one by one.
+ *     (cm.reconcile_sums_sql()).
  *  4. The rows of the differing buckets are fetched (one remote statement
  *     per source) and compared one by one with their ledger entries and
  *     portfolio_transactions rows, which gives each difference its kind and
- *     diagnosis.
+ *     diagnosis.  Ledger entries of those buckets whose queue row is gone
+ *     (an orphan's) are looked for in the ledger only when the fetched rows
+ *     found fewer entries than its checksums counted.
  *
  * A bucket's hashes are combined with bit_xor, which postgres_fdw ships and
  * which keeps a plain bigint state: queue-db's planner takes the number of
@@ -490,28 +491,43 @@ COMMENT ON FUNCTION cm.reconcile_portfolio_restricted(bigint, integer[], bigint)
 REVOKE ALL ON FUNCTION cm.reconcile_portfolio_restricted(bigint, integer[], bigint) FROM PUBLIC;
 
 /*
- * The ledger entries compared one by one (cm.reconcile_key): those of the
- * buckets that differ (which every source's rows are fetched from) and,
- * per source, those whose applied flag disagrees with their status.  One
- * more pass over the ledger, made only when something differs.
+ * The ledger entries of a source's fetched buckets whose queue row was not
+ * fetched (deleted in queue-db, an orphan's) are compared one by one too,
+ * into cm.reconcile_key.  The ledger's checksums counted the entries of
+ * each bucket: when the entries found through the fetched rows (by key)
+ * are as many, there is none, and the ledger is not read again.  Returns
+ * whether it was.
  */
-CREATE FUNCTION cm.reconcile_ledger_keys(run bigint, srcs cm.source[], mask bigint, differing bigint[], horizons timestamptz[])
-    RETURNS void
+CREATE FUNCTION cm.reconcile_ledger_gone(run bigint, src cm.source, mask bigint, buckets bigint[], horizon timestamptz)
+    RETURNS boolean
     LANGUAGE plpgsql VOLATILE
     SET search_path = pg_catalog, pg_temp
     AS $$
+DECLARE
+    expected bigint;
+    found    bigint;
 BEGIN
-    IF cardinality(differing) > 0
-       OR EXISTS (SELECT 1 FROM cm.reconcile_sum s WHERE s.run_id = run AND s.side = 'ledger' AND s.bad) THEN
-        EXECUTE format('INSERT INTO cm.reconcile_key (run_id, source_id, queue_id)'
-                       ' SELECT %s, l.source_id, l.queue_id FROM %s'
-                       '  WHERE (l.k & %s) = ANY (%L::bigint[]) OR (l.status = ''COMPLETED'') IS DISTINCT FROM l.applied',
-                       run, cm.reconcile_ledger_from(srcs, horizons), mask, coalesce(differing, '{}'));
+    SELECT coalesce(sum(s.n), 0) INTO expected FROM cm.reconcile_sum s
+     WHERE s.run_id = run AND s.side = 'ledger' AND s.source_id = src.source_id AND s.bucket = ANY (buckets);
+    EXECUTE format('SELECT count(*) FROM cm.reconcile_fetch f'
+                   '  JOIN cm.ledger l ON l.source_id = f.source_id AND l.queue_id = f.queue_id'
+                   ' WHERE f.run_id = %1$s AND f.source_id = %2$s AND l.updated_at <= %3$L::timestamptz'
+                   '   AND (%4$s & %5$s) = ANY (%6$L::bigint[])'
+                   '   AND NOT EXISTS (SELECT 1 FROM cm.dead_letter d WHERE d.source_id = l.source_id AND d.queue_id = l.queue_id)',
+                   run, src.source_id, horizon, cm.reconcile_key_sql('l.uuid::text'), mask, buckets)
+      INTO found;
+    -- (more than counted: the cycle wrote meanwhile; read the ledger)
+    IF found = expected THEN
+        RETURN false;
     END IF;
+    EXECUTE format('INSERT INTO cm.reconcile_key (run_id, source_id, queue_id)'
+                   ' SELECT %s, l.source_id, l.queue_id FROM %s WHERE (l.k & %s) = ANY (%L::bigint[])',
+                   run, cm.reconcile_ledger_from(ARRAY[src], ARRAY[horizon]), mask, buckets);
+    RETURN true;
 END
 $$;
-COMMENT ON FUNCTION cm.reconcile_ledger_keys(bigint, cm.source[], bigint, bigint[], timestamptz[]) IS 'the ledger entries a reconciliation compares one by one, into cm.reconcile_key: those of the differing buckets, and those whose applied flag disagrees with their status';
-REVOKE ALL ON FUNCTION cm.reconcile_ledger_keys(bigint, cm.source[], bigint, bigint[], timestamptz[]) FROM PUBLIC;
+COMMENT ON FUNCTION cm.reconcile_ledger_gone(bigint, cm.source, bigint, bigint[], timestamptz) IS 'the ledger entries of a source''s fetched buckets whose queue row is gone, into cm.reconcile_key (the ledger is read again only when its checksums count more entries than the fetched rows found)';
+REVOKE ALL ON FUNCTION cm.reconcile_ledger_gone(bigint, cm.source, bigint, bigint[], timestamptz) FROM PUBLIC;
 
 /*
  * Step 4 for one source: the rows of the differing buckets (those given,
@@ -573,6 +589,7 @@ BEGIN
         INSERT INTO cm.reconcile_key (run_id, source_id, queue_id)
         SELECT run, src.source_id, f.queue_id FROM cm.reconcile_fetch f
          WHERE f.run_id = run AND f.source_id = src.source_id;
+        PERFORM cm.reconcile_ledger_gone(run, src, mask, buckets, horizon);
     END IF;
 
     -- rows fetched but changed after the read position, or inside the next read's window: in flight
@@ -798,7 +815,6 @@ BEGIN
                   FULL JOIN (SELECT s.bucket, s.status FROM cm.reconcile_sum s
                               WHERE s.run_id = cm_reconcile.run_id AND s.side = 'portfolio') p ON p.bucket = l.bucket
                  WHERE l.status IS DISTINCT FROM p.status) d;
-        PERFORM cm.reconcile_ledger_keys(cm_reconcile.run_id, srcs, mask, differ, horizons);
     END IF;
     FOR i IN 1 .. cardinality(srcs) LOOP
         SELECT * INTO r FROM cm.reconcile_source(cm_reconcile.run_id, srcs[i], cm_reconcile.amount_tolerance, mask,
