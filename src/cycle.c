@@ -1004,11 +1004,16 @@ try_step(void (*fn) (void *), void *arg, bool (*caught) (const ErrorData *))
 	return failure;
 }
 
-/* The probe statement of one foreign table over pg_stat_activity, kept. */
+/*
+ * The probe statement of one foreign table over pg_stat_activity, kept,
+ * and the OID of queue-db's database on that server (found once by its
+ * name, see resolve_datid).
+ */
 typedef struct ProbePlan
 {
 	Oid			relid;
 	bool		with_db;
+	Oid			datid;			/* InvalidOid: not known yet */
 	SPIPlanPtr	plan;
 } ProbePlan;
 
@@ -1020,18 +1025,22 @@ static int	n_probe_plans = 0;
  *		The kept statement that asks queue-db, through the foreign table
  *		relid over its pg_stat_activity, for the start of its oldest open
  *		transaction, its clock, and whether it hides sessions; with_db
- *		limits it to the sessions of database $1.
+ *		limits it to the sessions of the database of OID $1.  The sessions
+ *		are chosen by datid, not datname: the view's datname comes from a
+ *		join with pg_database, which queue-db would plan again at every
+ *		probe (about a third of a millisecond), and without it the join is
+ *		removed.
  */
-static SPIPlanPtr
+static ProbePlan *
 get_probe_plan(Oid relid, bool with_db)
 {
-	Oid			argtype[1] = {TEXTOID};
+	Oid			argtype[1] = {OIDOID};
 	int			i;
 	char	   *sql;
 
 	for (i = 0; i < n_probe_plans; i++)
 		if (probe_plans[i].relid == relid && probe_plans[i].with_db == with_db)
-			return probe_plans[i].plan;
+			return &probe_plans[i];
 
 	/*
 	 * The session that ran the latest query is taken for this one (its
@@ -1053,7 +1062,7 @@ get_probe_plan(Oid relid, bool with_db)
 				   "                       >= least(me.xact_start, me.query_start - interval '1 s'))",
 				   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
 											  get_rel_name(relid)),
-				   with_db ? " WHERE a.datname = $1" : "");
+				   with_db ? " WHERE a.datid = $1" : "");
 	if (n_probe_plans == lengthof(probe_plans))
 	{
 		/* more servers than slots: forget the oldest plans */
@@ -1063,8 +1072,43 @@ get_probe_plan(Oid relid, bool with_db)
 	}
 	probe_plans[n_probe_plans].relid = relid;
 	probe_plans[n_probe_plans].with_db = with_db;
+	probe_plans[n_probe_plans].datid = InvalidOid;
 	probe_plans[n_probe_plans].plan = prepare_kept(sql, with_db ? 1 : 0, argtype, 0);
-	return probe_plans[n_probe_plans++].plan;
+	return &probe_plans[n_probe_plans++];
+}
+
+/*
+ * resolve_datid
+ *		The OID of database dbname on the server of the foreign table relid
+ *		over its pg_stat_activity: that of a session connected to it (the
+ *		probe's own session always is), or InvalidOid.  Asked once per
+ *		session and server; asked again after a probe that found no session
+ *		there (the database was made again under the same name).  It reads
+ *		pg_stat_activity in the remote transaction before the probe, which
+ *		sees the same sessions (queue-db takes them once a transaction).
+ */
+static Oid
+resolve_datid(Oid relid, const char *dbname)
+{
+	Oid			argtype[1] = {TEXTOID};
+	Datum		arg[1];
+	bool		isnull;
+	Oid			datid = InvalidOid;
+
+	arg[0] = CStringGetTextDatum(dbname);
+	if (SPI_execute_with_args(psprintf("SELECT a.datid FROM %s a WHERE a.datname = $1 LIMIT 1",
+									   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+																  get_rel_name(relid))),
+							  1, argtype, arg, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read queue-db's pg_stat_activity");
+	if (SPI_processed == 1)
+	{
+		datid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		if (isnull)
+			datid = InvalidOid;
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return datid;
 }
 
 /*
@@ -1087,7 +1131,7 @@ static void
 probe_server(Source *src)
 {
 	ServerProbe *p = src->probe;
-	SPIPlanPtr	plan;
+	ProbePlan  *probe;
 	Datum		arg[1];
 	bool		isnull;
 	HeapTuple	tup;
@@ -1103,11 +1147,13 @@ probe_server(Source *src)
 		return;
 	}
 
-	plan = get_probe_plan(src->activity_relid, src->remote_dbname != NULL);
-	arg[0] = src->remote_dbname ? CStringGetTextDatum(src->remote_dbname) : (Datum) 0;
 	set_step(psprintf("consistency_manager: reading queue-db (source %d, server %s)",
 					  src->source_id, src->server_name));
-	run_plan(plan, arg, NULL, SPI_OK_SELECT);
+	probe = get_probe_plan(src->activity_relid, src->remote_dbname != NULL);
+	if (src->remote_dbname != NULL && !OidIsValid(probe->datid))
+		probe->datid = resolve_datid(src->activity_relid, src->remote_dbname);
+	arg[0] = ObjectIdGetDatum(probe->datid);
+	run_plan(probe->plan, arg, NULL, SPI_OK_SELECT);
 	if (SPI_processed != 1)
 		elog(ERROR, "could not read queue-db's pg_stat_activity for server %s", src->server_name);
 	tup = SPI_tuptable->vals[0];
@@ -1116,7 +1162,11 @@ probe_server(Source *src)
 	p->has_oldest = !isnull;
 	p->now = DatumGetTimestampTz(SPI_getbinval(tup, desc, 2, &isnull));
 	if (isnull)
-		p->available = false;	/* not even its own session: nothing to go by */
+	{
+		/* not even its own session: nothing to go by; look the database up again next time */
+		p->available = false;
+		probe->datid = InvalidOid;
+	}
 	p->visible = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull)) == 0;
 	p->recent_commits = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
 	SPI_freetuptable(SPI_tuptable);

@@ -39,7 +39,7 @@ BEGIN
     END IF;
     rel := format('cm_remote.%I', 'activity_' || srv);
     IF to_regclass(rel) IS NULL THEN
-        EXECUTE format('CREATE FOREIGN TABLE %s (datname name, backend_type text, state text,'
+        EXECUTE format('CREATE FOREIGN TABLE %s (datid oid, datname name, backend_type text, state text,'
                        ' xact_start timestamptz, query_start timestamptz, state_change timestamptz) SERVER %I'
                        ' OPTIONS (schema_name %L, table_name %L, updatable %L)',
                        rel, server, 'pg_catalog', 'pg_stat_activity', 'false');
@@ -50,6 +50,10 @@ BEGIN
         END IF;
         EXECUTE format('COMMENT ON FOREIGN TABLE %s IS %L', rel,
                        format('queue-db''s pg_stat_activity through server %s: the sync cycle reads the start of the oldest open transaction there', server));
+    END IF;
+    -- the cycle picks queue-db's sessions by datid (see probe_server in cycle.c)
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = rel::regclass AND a.attname = 'datid' AND NOT a.attisdropped) THEN
+        EXECUTE format('ALTER FOREIGN TABLE %s ADD COLUMN datid oid', rel);
     END IF;
     IF NOT has_table_privilege(cm.sync_role(), rel, 'SELECT') THEN
         EXECUTE format('GRANT SELECT ON %s TO %s', rel, cm.sync_role());
