@@ -103,6 +103,26 @@ is( $node->safe_psql('portfolio', "SELECT status FROM portfolio_transactions WHE
 check_oracle($node, $queue, 'after the late commit', exact => 1);
 
 ############################################################################
+# a transaction open in another database of queue-db's cluster
+############################################################################
+
+# the probe keeps to the sessions of the queue's database (by its OID)
+my $elsewhere = $queue->background_psql('postgres');
+$elsewhere->query_safe('BEGIN; SELECT txid_current()');
+my $elsewhere_start = $queue->safe_psql('postgres',
+	q{SELECT xact_start FROM pg_stat_activity WHERE datname = 'postgres' AND state = 'idle in transaction'});
+usleep(500_000);
+$cycles = $node->safe_psql('portfolio', 'SELECT cycles FROM cm_stats()');
+ok($node->poll_query_until('portfolio', 'SELECT cycles > ' . ($cycles + 3) . ' FROM cm_stats()'),
+	'the worker cycles while a transaction is open in another database of queue-db');
+is( $node->safe_psql('portfolio',
+		qq{SELECT string_agg((oldest_open_xact > '$elsewhere_start')::text, ',' ORDER BY source_id) FROM cm.source}),
+	'true,true',
+	'a transaction open in another database of queue-db\'s cluster does not hold the read window');
+$elsewhere->query_safe('COMMIT');
+$elsewhere->quit;
+
+############################################################################
 # a row from the future, and rows that arrive after it
 ############################################################################
 
