@@ -28,7 +28,7 @@ SELECT * FROM cm_attach_queue('queue_server', 'unified');
 SELECT * FROM cm_attach_queue('queue_server', 'nowhere');
 SELECT * FROM cm_attach_queue('no_such_server');
 SELECT source_id, table_name, layout, account_column, watermark, enabled FROM cm.source ORDER BY 1;
--- read in pages of one round trip each, and never written
+-- read in pages of one round trip each, never written, and reconciled beside the local checksums
 SELECT ftoptions FROM pg_foreign_table WHERE ftrelid = 'cm_remote.queue_server_investment_queue'::regclass;
 
 -- the keyset page goes to queue-db whole: filter, order and limit (the cycle

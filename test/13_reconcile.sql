@@ -12,7 +12,7 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
-SELECT plan(47);
+SELECT plan(49);
 
 \ir lib/helpers.sql
 
@@ -209,6 +209,20 @@ SELECT results_eq(format('SELECT * FROM pg_temp.items(%s)', :run3), $$VALUES
     ('1006 missing: dead-lettered: account ''NOBODY'' has no row in public.user_portfolios')$$,
     'the ledger''s applied flag is checked by its own checksum; the upper-case uuid is no difference');
 SELECT ok(:fetched3 >= 3, 'the rows of the differing buckets were fetched (the upper-case uuid''s among them)');
+
+-- many rows the application wrote itself (no ledger entry) make most buckets of
+-- portfolio_transactions differ: it is compared again, restricted to the rows the
+-- ledger knows, and they are no difference and cost no fetch
+SELECT run_id AS before_app, rows_fetched AS fetched_before_app FROM cm_reconcile() \gset
+INSERT INTO portfolio_transactions (id, accountid, transaction_type, tier1_change, tier2_change, tier3_change,
+                                    total_amount, status)
+SELECT gen_random_uuid(), 'R4', 'INVEST', 1, 2, 3, 6, 'COMPLETED' FROM generate_series(1, 300);
+SELECT run_id AS with_app, rows_fetched AS fetched_with_app FROM cm_reconcile() \gset
+SELECT results_eq(format('SELECT * FROM pg_temp.items(%s)', :with_app), format('SELECT * FROM pg_temp.items(%s)', :before_app),
+    'rows the application wrote itself, 300 of them, are no difference');
+SELECT is(:fetched_with_app::bigint, :fetched_before_app::bigint,
+    'and cost no fetch: portfolio_transactions is compared again, restricted to the rows the ledger knows');
+DELETE FROM portfolio_transactions p WHERE p.accountid = 'R4' AND NOT EXISTS (SELECT 1 FROM cm.ledger l WHERE l.uuid = p.id);
 
 -- the checksums go to queue-db: the statement cm_reconcile() runs, whole
 SELECT pg_temp.explain(cm.reconcile_queue_sql(s, 1023, now(), '{1006}')) AS plan
