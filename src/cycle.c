@@ -1461,16 +1461,6 @@ stage_source_step(void *arg)
 }
 
 /*
- * try_stage_source
- *		stage_source in a subtransaction of its own.  Returns NULL when it
- *		succeeded, or the error when the read of this source failed for a
- *		reason of its own (source_error_is_its_own): what it staged is then
- *		rolled back and the cycle goes on with the other sources.
- *		postgres_fdw rolls the remote side back to the matching savepoint,
- *		or drops a broken connection at the end of the transaction.  Any
- *		other error propagates.
- */
-/*
  * forget_read
  *		Forget what a rolled back read of a source did: what it staged and
  *		closed, where it got to, and when it last looked for the rows with
@@ -1490,6 +1480,16 @@ forget_read(Source *src)
 			stage_plans[i].unplaceable_read = 0;
 }
 
+/*
+ * try_stage_source
+ *		stage_source in a subtransaction of its own.  Returns NULL when it
+ *		succeeded, or the error when the read of this source failed for a
+ *		reason of its own (source_error_is_its_own): what it staged is then
+ *		rolled back and the cycle goes on with the other sources.
+ *		postgres_fdw rolls the remote side back to the matching savepoint,
+ *		or drops a broken connection at the end of the transaction.  Any
+ *		other error propagates.
+ */
 static ErrorData *
 try_stage_source(Source *src, CmCycleResult *result)
 {

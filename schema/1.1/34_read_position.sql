@@ -51,10 +51,6 @@ BEGIN
         EXECUTE format('COMMENT ON FOREIGN TABLE %s IS %L', rel,
                        format('queue-db''s pg_stat_activity through server %s: the sync cycle reads the start of the oldest open transaction there', server));
     END IF;
-    -- the cycle picks queue-db's sessions by datid (see probe_server in cycle.c)
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = rel::regclass AND a.attname = 'datid' AND NOT a.attisdropped) THEN
-        EXECUTE format('ALTER FOREIGN TABLE %s ADD COLUMN datid oid', rel);
-    END IF;
     IF NOT has_table_privilege(cm.sync_role(), rel, 'SELECT') THEN
         EXECUTE format('GRANT SELECT ON %s TO %s', rel, cm.sync_role());
     END IF;
