@@ -214,10 +214,53 @@ after_failure(const char *message, TimestampTz started)
 }
 
 /*
+ * probe_ahead
+ *		Ask queue-db for its open transactions in a transaction of its own,
+ *		just before the cycle's (cm_probe_ahead says why).  Failing here
+ *		only costs the cycle that: it then probes in its read's own remote
+ *		transaction, as a manual cycle does, and meets the error there,
+ *		source by source.  An expired cycle deadline, SIGTERM or a cancel
+ *		ends the cycle as they would in it.
+ */
+static void
+probe_ahead(MemoryContext cxt)
+{
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		cm_probe_ahead();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		cm_remote_read_end();
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		if (cm_cycle_deadline_expired() || cm_remote_exit_requested() ||
+			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
+			PG_RE_THROW();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		cm_forget_probes_ahead();
+		ereport(DEBUG1,
+				(errmsg_internal("consistency_manager could not probe queue-db ahead of the cycle: %s",
+								 edata->message)));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+}
+
+/*
  * run_one_cycle
- *		One cycle in its own transaction.  Returns NULL on success; on
- *		failure, what PostgreSQL reported (message, DETAIL, HINT, SQLSTATE),
- *		copied into cxt.
+ *		One cycle in its own transaction, after the probe of queue-db in one
+ *		of its own (probe_ahead).  Returns NULL on success; on failure, what
+ *		PostgreSQL reported (message, DETAIL, HINT, SQLSTATE), copied into
+ *		cxt.
  */
 static ErrorData *
 run_one_cycle(MemoryContext cxt, CmCycleResult *r)
@@ -226,10 +269,11 @@ run_one_cycle(MemoryContext cxt, CmCycleResult *r)
 
 	PG_TRY();
 	{
+		cm_cycle_deadline_start();
+		probe_ahead(cxt);
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
 		PushActiveSnapshot(GetTransactionSnapshot());
-		cm_cycle_deadline_start();
 		cm_run_cycle(false, "worker", r);
 		cm_cycle_deadline_stop();
 		PopActiveSnapshot();
@@ -241,6 +285,7 @@ run_one_cycle(MemoryContext cxt, CmCycleResult *r)
 
 		cm_cycle_deadline_stop();
 		cm_remote_read_end();
+		cm_forget_probes_ahead();
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
 		FlushErrorState();

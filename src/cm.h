@@ -75,6 +75,8 @@ typedef struct CmCycleResult
 
 extern void cm_run_cycle(bool wait_for_lock, const char *trigger,
 						 CmCycleResult *result);
+extern void cm_probe_ahead(void);
+extern void cm_forget_probes_ahead(void);
 extern void cm_register_connection_release(bool preloaded);
 
 /* The warning before DROP EXTENSION (guard.c). */

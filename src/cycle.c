@@ -734,9 +734,57 @@ read_sources(int *count)
 }
 
 /*
+ * The probes the worker took ahead of its cycle, one per server, in a
+ * transaction of their own (cm_probe_ahead); the cycle that follows takes
+ * them over (take_probe_ahead) instead of probing in its read's own remote
+ * transaction, and they are forgotten once it has.
+ */
+static MemoryContext ahead_cxt = NULL;
+static ServerProbe *probes_ahead = NULL;
+static int	n_probes_ahead = 0;
+
+/*
+ * cm_forget_probes_ahead
+ *		Forget the probes taken ahead: each serves the one cycle after it.
+ */
+void
+cm_forget_probes_ahead(void)
+{
+	if (ahead_cxt != NULL)
+		MemoryContextReset(ahead_cxt);
+	probes_ahead = NULL;
+	n_probes_ahead = 0;
+}
+
+/*
+ * take_probe_ahead
+ *		Give probe p what the probe taken ahead for its server found, if
+ *		one was: it is then done, and free of the race of a probe in the
+ *		read's own transaction (recent_commits, see cm_probe_ahead).
+ */
+static void
+take_probe_ahead(ServerProbe *p)
+{
+	int			i;
+
+	for (i = 0; i < n_probes_ahead; i++)
+	{
+		if (strcmp(probes_ahead[i].server_name, p->server_name) == 0)
+		{
+			char	   *name = p->server_name;
+
+			*p = probes_ahead[i];
+			p->server_name = name;
+			return;
+		}
+	}
+}
+
+/*
  * attach_probes
  *		Give each source the probe of its server, one per server and cycle
- *		(sources of one server share a connection, so a snapshot).
+ *		(sources of one server share a connection, so a snapshot), or the
+ *		probe the worker took ahead of the cycle for that server.
  */
 static void
 attach_probes(Source *sources, int nsources)
@@ -758,8 +806,10 @@ attach_probes(Source *sources, int nsources)
 		{
 			sources[i].probe = palloc0(sizeof(ServerProbe));
 			sources[i].probe->server_name = sources[i].server_name;
+			take_probe_ahead(sources[i].probe);
 		}
 	}
+	cm_forget_probes_ahead();
 }
 
 /*
@@ -1171,6 +1221,90 @@ probe_server(Source *src)
 	p->recent_commits = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	p->done = true;
+}
+
+/*
+ * cm_probe_ahead
+ *		Probe every server the worker's next cycle reads, in the current
+ *		transaction, which the caller commits (or aborts) before the cycle's
+ *		own begins; keep what each said for that cycle (take_probe_ahead).
+ *
+ * A probe in the read's own remote transaction reads pg_stat_activity a
+ * moment after that transaction's snapshot was taken: a transaction that
+ * committed in between is invisible to the read, yet no longer listed as
+ * open, so whenever a session began or ended a transaction about then the
+ * horizon falls back to the previous probe's (cm_sql_finish_source), and
+ * under a steady writer that is nearly every cycle, each re-reading about
+ * what the one before it read.  This probe's list is read before the
+ * cycle's snapshot is taken: every transaction the cycle's read cannot see
+ * was either listed open here or began after this probe's clock, so the
+ * horizon min(oldest listed start, clock) is exact for that read.  Its
+ * clock also bounds the cycle's read from above (stage_source): rows
+ * committed between the two wait for the next cycle.
+ *
+ * Servers some of whose sources failed in their last cycle are left to the
+ * cycle (it probes them itself, and meets their error there, source by
+ * source): a queue-db that is down or hung costs no second wait.  Runs as
+ * the sync role, as the cycle does, so it uses the cycle's connections.
+ */
+void
+cm_probe_ahead(void)
+{
+	CmRoleSwitch sync_role;
+	Source	   *sources;
+	int			nsources;
+	int			i;
+	int			j;
+	MemoryContext oldcxt;
+
+	cm_forget_probes_ahead();
+	cm_check_schema_version();
+	if (ahead_cxt == NULL)
+		ahead_cxt = AllocSetContextCreate(TopMemoryContext, "consistency_manager probes ahead",
+										  ALLOCSET_SMALL_SIZES);
+	cm_become_sync_role(&sync_role);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	prepare_fixed_plans();
+	sources = read_sources(&nsources);
+	for (i = 0; i < nsources; i++)
+	{
+		for (j = 0; j < i; j++)
+			if (strcmp(sources[j].server_name, sources[i].server_name) == 0)
+				break;
+		if (j < i)
+			sources[i].probe = sources[j].probe;
+		else
+		{
+			sources[i].probe = palloc0(sizeof(ServerProbe));
+			sources[i].probe->server_name = sources[i].server_name;
+		}
+		if (sources[i].last_error != NULL)
+			sources[i].probe->done = true;	/* left to the cycle */
+	}
+
+	oldcxt = MemoryContextSwitchTo(ahead_cxt);
+	probes_ahead = palloc0(sizeof(ServerProbe) * Max(1, nsources));
+	MemoryContextSwitchTo(oldcxt);
+	cm_remote_read_begin();
+	for (i = 0; i < nsources; i++)
+	{
+		ServerProbe *p = sources[i].probe;
+
+		if (p->done)
+			continue;			/* probed for an earlier source, or left */
+		probe_server(&sources[i]);
+		if (!p->available)
+			continue;
+		p->recent_commits = false;
+		probes_ahead[n_probes_ahead] = *p;
+		probes_ahead[n_probes_ahead].server_name = MemoryContextStrdup(ahead_cxt, p->server_name);
+		n_probes_ahead++;
+	}
+	cm_remote_read_end();
+	strlcpy(current_step, "consistency_manager: starting a cycle", sizeof(current_step));
+	SPI_finish();
+	cm_restore_role(&sync_role);
 }
 
 /*
