@@ -249,7 +249,7 @@ probe_ahead(MemoryContext cxt)
 		cm_forget_probes_ahead();
 		ereport(DEBUG1,
 				(errmsg_internal("consistency_manager could not probe queue-db ahead of the cycle: %s",
-								 edata->message)));
+								 cm_error_text(edata))));
 		FreeErrorData(edata);
 	}
 	PG_END_TRY();
@@ -285,7 +285,6 @@ run_one_cycle(MemoryContext cxt, CmCycleResult *r)
 
 		cm_cycle_deadline_stop();
 		cm_remote_read_end();
-		cm_forget_probes_ahead();
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
 		FlushErrorState();

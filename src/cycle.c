@@ -1254,7 +1254,6 @@ cm_probe_ahead(void)
 	Source	   *sources;
 	int			nsources;
 	int			i;
-	int			j;
 	MemoryContext oldcxt;
 
 	cm_forget_probes_ahead();
@@ -1267,21 +1266,10 @@ cm_probe_ahead(void)
 		elog(ERROR, "SPI_connect failed");
 	prepare_fixed_plans();
 	sources = read_sources(&nsources);
+	attach_probes(sources, nsources);	/* none taken ahead yet: all to do */
 	for (i = 0; i < nsources; i++)
-	{
-		for (j = 0; j < i; j++)
-			if (strcmp(sources[j].server_name, sources[i].server_name) == 0)
-				break;
-		if (j < i)
-			sources[i].probe = sources[j].probe;
-		else
-		{
-			sources[i].probe = palloc0(sizeof(ServerProbe));
-			sources[i].probe->server_name = sources[i].server_name;
-		}
 		if (sources[i].last_error != NULL)
 			sources[i].probe->done = true;	/* left to the cycle */
-	}
 
 	oldcxt = MemoryContextSwitchTo(ahead_cxt);
 	probes_ahead = palloc0(sizeof(ServerProbe) * Max(1, nsources));
